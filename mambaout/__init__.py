@@ -1,0 +1,7 @@
+"""mambaout: the MambaOut vision backbones (Yu & Wang, CVPR 2025) — models, weights, training, fast inference."""
+
+from mambaout.errors import UserError
+from mambaout.models import MambaOut, create_model, list_models, model_complexity
+
+__all__ = ["MambaOut", "UserError", "create_model", "list_models", "model_complexity"]
+__version__ = "0.1.0"

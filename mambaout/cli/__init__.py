@@ -1,0 +1,40 @@
+"""The `mambaout` command line: one small module per subcommand, each with `add_arguments(parser)` and `run(args)`.
+
+Subcommand modules parse flags, call the library and print; they hold no logic of their own. A `UserError`
+(or a bad flag) becomes one `error: ...` line on stderr and exit status 2.
+"""
+
+import argparse
+import importlib
+import sys
+
+from mambaout.errors import UserError
+
+# name -> module under mambaout.cli; each module's docstring first line is its help text.
+SUBCOMMANDS = {
+    "models": "models",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mambaout", description="MambaOut vision backbones: models, weights, tools.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(f"mambaout.cli.{module_name}")
+        summary = (module.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=module.__doc__)
+        module.add_arguments(p)
+        p.set_defaults(run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

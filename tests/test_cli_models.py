@@ -1,0 +1,38 @@
+"""`mambaout models` and the README's variant table, both generated from the registry."""
+
+from pathlib import Path
+
+import pytest
+
+import mambaout
+from mambaout.cli import main
+from mambaout.cli.models import variant_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_models_command_lists_every_variant(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in mambaout.list_models():
+        assert f"| {name} |" in out
+    assert "| mambaout_femto | 3,3,9,3 | 48,96,192,288 | 7.305 | 1.148 | 78.90 | official, timm |" in out
+
+
+def test_models_command_filters(capsys):
+    assert main(["models", "*rw"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mambaout")]
+    assert len(rows) == 5 and all("_rw |" in r for r in rows)
+
+
+def test_readme_table_is_the_generated_one():
+    text = README.read_text()
+    block = text.split("<!-- variants:begin -->\n")[1].split("\n<!-- variants:end -->")[0]
+    assert block == variant_table(), "README variant table is stale: paste the output of `mambaout models`"
+
+
+def test_unknown_command_is_one_line_and_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["nope"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

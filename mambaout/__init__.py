@@ -2,6 +2,7 @@
 
 from mambaout.errors import UserError
 from mambaout.models import MambaOut, create_model, list_models, model_complexity
+from mambaout.weights import load_checkpoint
 
-__all__ = ["MambaOut", "UserError", "create_model", "list_models", "model_complexity"]
+__all__ = ["MambaOut", "UserError", "create_model", "list_models", "load_checkpoint", "model_complexity"]
 __version__ = "0.1.0"

@@ -13,6 +13,7 @@ from mambaout.errors import UserError
 # name -> module under mambaout.cli; each module's docstring first line is its help text.
 SUBCOMMANDS = {
     "models": "models",
+    "convert": "convert",
 }
 
 

@@ -1,0 +1,64 @@
+"""Convert a checkpoint between key layouts (ours, timm, official) and file formats (.pth, .safetensors).
+
+SRC is a path or URL in any layout, including a `mambaout train` checkpoint. `--to` picks the key layout of DST and
+DST's extension its file format; `--to safetensors` is short for our layout in a `.safetensors` file. DST is written
+atomically: a failed conversion leaves an existing DST as it was.
+"""
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from mambaout.errors import UserError
+from mambaout.models import get_spec
+from mambaout.weights import LAYOUTS, convert_state_dict, load_checkpoint, read_state_dict, save_state_dict
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC", help="checkpoint path or http(s)/file URL, in any layout")
+    parser.add_argument(
+        "dst", metavar="DST", help="output file: '.safetensors' writes safetensors, anything else a torch file"
+    )
+    parser.add_argument(
+        "--to",
+        required=True,
+        choices=(*LAYOUTS, "safetensors"),
+        help="key layout of DST; 'safetensors' = our layout in a .safetensors file",
+    )
+    parser.add_argument("--model", metavar="NAME", help="check that the weights load strictly into this variant")
+    parser.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of SRC")
+    parser.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
+
+
+def _check_fits(name: str, state_dict: dict[str, torch.Tensor], src: str) -> None:
+    """Load our-layout weights strictly into variant `name`, with the checkpoint's own number of classes.
+
+    The model is built on the meta device: only names and shapes are checked, so this costs no memory or init time.
+    """
+    classifier = state_dict.get("head.fc.weight")
+    with torch.device("meta"):
+        model = get_spec(name).build(num_classes=0 if classifier is None else classifier.shape[0])
+    model.pretrained_cfg = {"architecture": name}
+    load_checkpoint(model, state_dict, strict=True, name=src)
+
+
+def run(args: argparse.Namespace) -> int:
+    layout = "mambaout" if args.to == "safetensors" else args.to
+    dst = Path(args.dst)
+    if args.to == "safetensors" and dst.suffix != ".safetensors":
+        raise UserError(f"--to safetensors writes a .safetensors file, but DST is '{dst}'; name it '*.safetensors'")
+    if args.model:
+        get_spec(args.model)  # an unknown name fails before a possibly long download
+    state_dict = read_state_dict(args.src, sha256=args.sha256, prefer_ema=args.ema)
+    try:
+        converted = convert_state_dict(state_dict, to=layout)
+    except UserError as e:
+        raise UserError(f"{args.src}: {e}") from None
+    if args.model:
+        _check_fits(args.model, convert_state_dict(converted, to="mambaout", source=layout), args.src)
+    save_state_dict(converted, dst)
+    file_format = "safetensors" if dst.suffix == ".safetensors" else "torch"
+    checked = f", checked against {args.model}" if args.model else ""
+    print(f"wrote {dst}: {len(converted)} tensors, {layout} layout, {file_format} format{checked}")
+    return 0

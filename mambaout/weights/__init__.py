@@ -1,0 +1,24 @@
+"""Where MambaOut weights come from and how they get into a model.
+
+- `layouts`: the three key layouts (ours, timm, official), detection and conversion.
+- `io`: safe reading (never unpickling code) and atomic writing of `.pth` / `.safetensors` files.
+- `download`: fetching published weights once into the torch.hub cache, with SHA-256 checks.
+- `loading`: unwrapping training checkpoints and loading any layout into a model, with clear errors.
+"""
+
+from mambaout.weights.download import download_cached
+from mambaout.weights.io import save_state_dict
+from mambaout.weights.layouts import LAYOUTS, convert_state_dict, detect_layout
+from mambaout.weights.loading import load_checkpoint, load_pretrained, read_state_dict, unwrap_state_dict
+
+__all__ = [
+    "LAYOUTS",
+    "convert_state_dict",
+    "detect_layout",
+    "download_cached",
+    "load_checkpoint",
+    "load_pretrained",
+    "read_state_dict",
+    "save_state_dict",
+    "unwrap_state_dict",
+]

@@ -1,0 +1,226 @@
+"""From a path, URL or registered source to weights in a model: unwrap, convert, check the fit, load.
+
+Every user mistake (wrong file, wrong variant, unknown source) becomes one `UserError` line naming the file; the only
+tolerated misfit is a classifier with a different number of classes, which is dropped with a warning so that
+fine-tuning starts from the pretrained backbone.
+"""
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mambaout.errors import UserError
+from mambaout.models.registry import ModelSpec
+from mambaout.weights.download import download_cached, is_url
+from mambaout.weights.io import file_format, read_file, verify_sha256
+from mambaout.weights.layouts import convert_state_dict
+
+__all__ = ["load_checkpoint", "load_pretrained", "read_state_dict", "unwrap_state_dict"]
+
+# Keys under which training scripts nest the weights: plain first, then EMA (timm, our train engine, DeiT-style).
+_MODEL_KEYS = ("model", "state_dict")
+_EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
+# Prefixes added by DistributedDataParallel / timm's ModelEmaV2 (`module.`) and torch.compile (`_orig_mod.`).
+_WRAPPER_PREFIX = re.compile(r"^(module\.|_orig_mod\.)+")
+_CLASSIFIER = ("head.fc.weight", "head.fc.bias")
+_SHOW = 5  # keys listed per kind in a misfit message
+
+
+def unwrap_state_dict(checkpoint: Any, prefer_ema: bool = False, name: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict inside a loaded checkpoint object.
+
+    Args:
+        checkpoint: A state dict, or a dict holding one under "model"/"state_dict" (and optionally EMA weights
+            under "model_ema"/"state_dict_ema"/"ema"), like the checkpoints of timm or `mambaout train`.
+        prefer_ema: Take the EMA weights when the checkpoint has them (a warning when it has none).
+        name: What to call the checkpoint in messages.
+
+    Returns:
+        Parameter name -> tensor, with `module.` / `_orig_mod.` prefixes removed.
+
+    Raises:
+        UserError: No weights found, or values that are not tensors.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise UserError(f"{name} holds a {type(checkpoint).__name__}, not a state dict")
+    if prefer_ema:
+        ema = next((checkpoint[k] for k in _EMA_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if ema is None:
+            warnings.warn(f"{name} has no EMA weights; loading its model weights", stacklevel=2)
+        else:
+            checkpoint = ema
+    while inner := next((checkpoint[k] for k in _MODEL_KEYS if isinstance(checkpoint.get(k), Mapping)), None):
+        checkpoint = inner
+    others = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if len(others) == len(checkpoint):
+        found = ", ".join(map(str, others[:8])) or "none"
+        raise UserError(
+            f"{name} holds no weights: expected a state dict or one under 'model' or 'state_dict' (keys found: {found})"
+        )
+    if others:
+        kind = type(checkpoint[others[0]]).__name__
+        raise UserError(f"{name} is not a state dict: '{others[0]}' holds a {kind}, not a tensor")
+    tensors = {_WRAPPER_PREFIX.sub("", str(k)): v for k, v in checkpoint.items()}
+    if len(tensors) != len(checkpoint):
+        raise UserError(f"{name} has keys that differ only by a 'module.' or '_orig_mod.' prefix")
+    return tensors
+
+
+def read_state_dict(
+    source: str | os.PathLike, sha256: str | None = None, prefer_ema: bool = False
+) -> dict[str, torch.Tensor]:
+    """Read the weights of a checkpoint file or URL, in whatever layout it stores them.
+
+    Args:
+        source: A `.pth`/`.pt`/`.safetensors` path, or an http(s):// or file:// URL (downloaded once into the
+            torch.hub cache).
+        sha256: Expected hex SHA-256 of the file.
+        prefer_ema: Take the checkpoint's EMA weights when it has them.
+
+    Returns:
+        Parameter name -> tensor on the CPU.
+
+    Raises:
+        UserError: Download failure, hash mismatch, unreadable or unsafe file, or no weights in it.
+    """
+    location = os.fspath(source)
+    if is_url(location):
+        path = download_cached(location, sha256)
+    else:
+        path = Path(location).expanduser()
+        if sha256:
+            file_format(path)  # report a missing or empty file as such, not as a hash mismatch
+            verify_sha256(path, sha256)
+    return unwrap_state_dict(read_file(path), prefer_ema=prefer_ema, name=str(path))
+
+
+def _architecture(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None)
+    return cfg["architecture"] if isinstance(cfg, dict) and "architecture" in cfg else type(model).__name__
+
+
+def _listing(items: list[str]) -> str:
+    more = f", ... ({len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+    return ", ".join(items[:_SHOW]) + more
+
+
+def load_checkpoint(
+    model: nn.Module,
+    source: str | os.PathLike | Mapping[str, Any],
+    *,
+    strict: bool = True,
+    sha256: str | None = None,
+    prefer_ema: bool = False,
+    name: str | None = None,
+) -> tuple[list[str], list[str]]:
+    """Load weights in any layout (ours, timm, official) into a MambaOut model.
+
+    A classifier (`head.fc`) whose shape differs from the model's (another number of classes) is dropped with a
+    warning and the model keeps its freshly initialised one. Any other misfit raises. A model on the meta device
+    (built under `torch.device("meta")`) is given the checkpoint's tensors instead of copies.
+
+    Args:
+        model: The model to fill, in place.
+        source: A checkpoint path or URL (see `read_state_dict`), or an already loaded state dict / checkpoint dict.
+        strict: Require every model weight to be present and every checkpoint weight to be used. Shape
+            mismatches outside the classifier raise either way.
+        sha256: Expected hex SHA-256 of the file.
+        prefer_ema: Take the checkpoint's EMA weights when it has them.
+        name: What to call the weights in messages; default the path, or "the given state dict".
+
+    Returns:
+        `(missing_keys, unexpected_keys)` as returned by `nn.Module.load_state_dict`.
+
+    Raises:
+        UserError: Unreadable checkpoint, not MambaOut weights, or weights of another variant (the message lists
+            the first missing keys, unexpected keys and shape mismatches).
+    """
+    if isinstance(source, Mapping):
+        name = name or "the given state dict"
+        state_dict = unwrap_state_dict(source, prefer_ema=prefer_ema, name=name)
+    else:
+        name = name or os.fspath(source)
+        state_dict = read_state_dict(source, sha256=sha256, prefer_ema=prefer_ema)
+    try:
+        state_dict = convert_state_dict(state_dict, to="mambaout")
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+
+    expected = model.state_dict()
+    theirs, ours = state_dict.get(_CLASSIFIER[0]), expected.get(_CLASSIFIER[0])
+    # another number of classes on the same hidden width is a fine-tuning start, not a misfit
+    drop_classifier = theirs is not None and (
+        ours is None or (theirs.shape[0] != ours.shape[0] and theirs.shape[1:] == ours.shape[1:])
+    )
+    if drop_classifier:
+        state_dict = {k: v for k, v in state_dict.items() if k not in _CLASSIFIER}
+        expected = {k: v for k, v in expected.items() if k not in _CLASSIFIER}
+
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {list(state_dict[k].shape)} vs {list(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if mismatched or (strict and (missing or unexpected)):
+        problems = [
+            f"{len(items)} {kind} ({_listing(items)})"
+            for kind, items in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches, checkpoint vs model", mismatched),
+            )
+            if items
+        ]
+        raise UserError(
+            f"{name} does not fit {_architecture(model)}: {'; '.join(problems)}; is it a checkpoint of another variant?"
+        )
+    if drop_classifier:
+        classes = "no classifier" if ours is None else f"{ours.shape[0]} classes"
+        warnings.warn(
+            f"{name}: its classifier has {theirs.shape[0]} classes and the model {classes}; "
+            "keeping the model's own (freshly initialised) classifier",
+            stacklevel=2,
+        )
+    # a model built on the meta device (no init time, no memory) takes the checkpoint's tensors themselves
+    assign = any(p.is_meta for p in model.parameters())
+    return model.load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def load_pretrained(
+    model: nn.Module, spec: ModelSpec, pretrained: bool | str | os.PathLike, sha256: str | None = None
+) -> None:
+    """Load the weights `create_model(..., pretrained=...)` asks for.
+
+    Args:
+        model: A freshly built `spec` model.
+        spec: The registered variant.
+        pretrained: True for the variant's first published source; a source name ("official", "timm"); or a
+            checkpoint path or URL.
+        sha256: Expected hex SHA-256 of the file; defaults to the source's published hash, if any.
+
+    Raises:
+        UserError: The variant has no such source (the message lists those it has), or loading failed.
+    """
+    sources = {source.name: source for source in spec.cfg.sources}
+    if pretrained is True:
+        if not sources:
+            raise UserError(f"{spec.name} has no published weights; pass a checkpoint path as pretrained")
+        pretrained = spec.cfg.sources[0].name
+    location = os.fspath(pretrained)
+    if location in sources:
+        location, sha256 = sources[location].url, sha256 or sources[location].sha256
+    elif re.fullmatch(r"[\w-]+", location) and not Path(location).exists():
+        # a bare word that is no file is meant as a source name, so say which names exist
+        valid = ", ".join(f"'{name}'" for name in sources) or "none"
+        raise UserError(
+            f"{spec.name} has no '{location}' weights: its sources are {valid}; or pass a checkpoint path or URL"
+        )
+    load_checkpoint(model, location, sha256=sha256)

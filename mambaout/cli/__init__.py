@@ -7,6 +7,7 @@ Subcommand modules parse flags, call the library and print; they hold no logic o
 import argparse
 import importlib
 import sys
+from typing import NoReturn
 
 from mambaout.errors import UserError
 
@@ -14,11 +15,22 @@ from mambaout.errors import UserError
 SUBCOMMANDS = {
     "models": "models",
     "convert": "convert",
+    "train": "train",
+    "eval": "eval",
+    "predict": "predict",
+    "plot": "plot",
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line naming the command and the flag (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mambaout", description="MambaOut vision backbones: models, weights, tools.")
+    parser = _Parser(prog="mambaout", description="MambaOut vision backbones: models, weights, tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
         module = importlib.import_module(f"mambaout.cli.{module_name}")

@@ -1,0 +1,84 @@
+"""Classify images: the top classes with their probabilities, as text, JSON or CSV.
+
+Class names come from the checkpoint: a fine-tuned run's folder names, or ImageNet's for ImageNet weights.
+
+examples:
+  mambaout predict cat.jpg photos/ --model mambaout_femto --top 5          # published ImageNet weights
+  mambaout predict digits/ --checkpoint runs/digits/best.pth --top 3 --csv --output predictions.csv
+"""
+
+import argparse
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mambaout.errors import UserError
+from mambaout.train.distributed import init_distributed
+from mambaout.train.engine import resolve_amp
+from mambaout.train.inference import load_classifier, predict_files
+from mambaout.weights.io import atomic_write
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)")
+    parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
+    parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, 'official'/'timm' (default)")
+    parser.add_argument("--top", type=int, default=5, help="classes shown per image (5)")
+    parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON: one object per image")
+    output.add_argument("--csv", action="store_true", help="print CSV: path,rank,label,index,probability")
+    parser.add_argument("--output", metavar="PATH", help="write to this file instead of printing")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
+
+
+def _as_text(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for result in results:
+        lines.append(result["path"])
+        lines.extend(f"  {p['probability']:7.2%}  {p['label']}" for p in result["predictions"])
+    return "\n".join(lines) + "\n"
+
+
+def _as_csv(results: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "rank", "label", "index", "probability"])
+    for result in results:
+        for p in result["predictions"]:
+            writer.writerow([result["path"], p["rank"], p["label"], p["index"], f"{p['probability']:.6f}"])
+    return buffer.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1 (got {args.top})")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    env = init_distributed(args.device)
+    classifier = load_classifier(args.checkpoint, args.model, args.ema, env.device)
+    results, unreadable = predict_files(
+        classifier, args.images, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, env.device)
+    )
+    if unreadable:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:10])
+        print(f"warning: skipped {len(unreadable)} unreadable files: {shown}", file=sys.stderr)
+    if args.json:
+        text = json.dumps(results, indent=2) + "\n"
+    elif args.csv:
+        text = _as_csv(results)
+    else:
+        text = _as_text(results)
+    if args.output:
+        with atomic_write(Path(args.output)) as f:
+            f.write(text.encode())
+        print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

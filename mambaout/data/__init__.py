@@ -1,0 +1,27 @@
+"""Data: an ImageFolder that survives bad files, the bundled digits default, transforms, samplers, class names."""
+
+from mambaout.data.digits import cache_dir, digits_tree
+from mambaout.data.folder import ImageFiles, RobustImageFolder
+from mambaout.data.images import UnreadableImage, list_images, load_image, to_rgb
+from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
+from mambaout.data.samplers import ResumableSampler, ShardSampler
+from mambaout.data.transforms import data_config, eval_transform, train_transform
+
+__all__ = [
+    "IMAGENET_CLASSES",
+    "ImageFiles",
+    "ResumableSampler",
+    "RobustImageFolder",
+    "ShardSampler",
+    "UnreadableImage",
+    "cache_dir",
+    "data_config",
+    "digits_tree",
+    "eval_transform",
+    "imagenet_class_names",
+    "imagenet_synsets",
+    "list_images",
+    "load_image",
+    "to_rgb",
+    "train_transform",
+]

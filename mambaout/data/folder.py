@@ -1,0 +1,172 @@
+"""Datasets of image files that survive bad files: a list of files, and an ImageFolder (`ROOT/<class>/**/<image>`).
+
+Unreadable files are found as they are first read, in the main process or a loader worker: one status byte per sample
+in shared memory records them, so every worker skips them from then on and the main process reports each one once.
+A training set substitutes the next readable sample (batches keep their size, distributed ranks stay in step); an
+evaluation set returns the label -1 instead, which `evaluate` leaves out of every metric.
+"""
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import make_dataset
+
+from mambaout.data.images import UnreadableImage, has_image_extension, load_image
+from mambaout.errors import UserError
+
+__all__ = ["ImageFiles", "RobustImageFolder"]
+
+_OK, _UNREADABLE = 0, 1
+
+
+class ImageFiles(Dataset):
+    """(path, label) samples decoded by `load_image`, with unreadable files skipped and recorded.
+
+    Args:
+        samples: (path, label) pairs.
+        transform: Applied to each RGB PIL image.
+        substitute: On an unreadable file return the next readable sample with its own label (training), rather
+            than a readable image with label -1 (evaluation, prediction).
+        name: What to call the collection in messages (its folder).
+
+    Raises:
+        UserError: No sample is readable.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        transform: Callable | None = None,
+        substitute: bool = True,
+        name: str = "the given files",
+    ):
+        self.samples = list(samples)
+        self.transform = transform
+        self.substitute = substitute
+        self.name = name
+        # one status byte per sample in shared memory: loader workers (fork or spawn) write, the main process reads
+        self.status = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._reported = torch.zeros(len(self.samples), dtype=torch.bool)
+        self._require_one_readable()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self._read(index)
+        if image is not None:
+            return self._transformed(image), self.samples[index][1]
+        n = len(self.samples)
+        for offset in range(1, n):
+            i = (index + offset) % n
+            image = self._read(i)
+            if image is not None:
+                # an evaluation set only borrows the image for the batch's shape; label -1 keeps it out of the metrics
+                return self._transformed(image), self.samples[i][1] if self.substitute else -1
+        raise RuntimeError(f"every image in {self.name} became unreadable while in use")
+
+    def new_unreadable(self) -> list[tuple[str, str]]:
+        """(path, reason) of the files found unreadable since the last call; call it in the main process.
+
+        A distributed run merges `status` over its ranks first, so rank 0 can report every file once.
+        """
+        new = ((self.status != _OK) & ~self._reported).nonzero().flatten().tolist()
+        self._reported[new] = True
+        return [(self.samples[i][0], self._reason(i)) for i in new]
+
+    def _require_one_readable(self) -> None:
+        """Probe files in order until one decodes (one file when the data is fine); none is a `UserError`."""
+        for i in range(len(self.samples)):
+            if self._read(i) is not None:
+                return
+        if not self.samples:
+            raise UserError(f"no image files in {self.name}")
+        raise UserError(
+            f"no readable image in {self.name}: all {len(self.samples)} files failed to decode, "
+            f"e.g. {self.samples[0][0]} ({self._reason(0)})"
+        )
+
+    def _read(self, index: int) -> Image.Image | None:
+        if self.status[index] != _OK:
+            return None
+        try:
+            return load_image(self.samples[index][0])
+        except UnreadableImage:
+            self.status[index] = _UNREADABLE
+            return None
+
+    def _reason(self, index: int) -> str:
+        try:
+            load_image(self.samples[index][0])
+        except UnreadableImage as e:
+            return e.reason
+        return "failed once, readable now"
+
+    def _transformed(self, image: Image.Image) -> Any:
+        return self.transform(image) if self.transform is not None else image
+
+
+class RobustImageFolder(ImageFiles):
+    """torchvision's ImageFolder layout and labels, read by `ImageFiles`.
+
+    Args:
+        root: The folder holding one sub-folder per class (hidden folders are ignored).
+        transform: Applied to each RGB PIL image.
+        classes: Class names in label order (the training set's, for its validation set); default the sorted
+            sub-folder names. A sub-folder not in the list is a `UserError`; a listed class may have no folder.
+        substitute: See `ImageFiles`; True for training, False for evaluation.
+
+    Attributes:
+        classes: Class names in label order.
+        empty_classes: Classes without any image file.
+        ignored_files: Files skipped for not having an image extension (hidden files aside).
+
+    Raises:
+        UserError: `root` is missing, has no class folders or image files, has classes outside `classes`, or holds
+            no readable image.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        transform: Callable | None = None,
+        classes: Sequence[str] | None = None,
+        substitute: bool = True,
+    ):
+        self.root = Path(root).expanduser()
+        layout = f"expected {self.root}/<class>/<images>"
+        if not self.root.is_dir():
+            raise UserError(f"dataset folder {self.root} does not exist ({layout})")
+        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        if not found:
+            raise UserError(f"no class folders in {self.root} ({layout})")
+        unknown = sorted(set(found) - set(classes)) if classes is not None else []
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
+            raise UserError(
+                f"{self.root} has classes the training set lacks: {shown}; the splits need the same classes"
+            )
+        self.classes = list(classes) if classes is not None else found
+        self.ignored_files: list[str] = []
+        samples = make_dataset(
+            str(self.root),
+            {c: i for i, c in enumerate(self.classes)},
+            is_valid_file=self._keep_file,
+            allow_empty=True,
+        )
+        if not samples:
+            raise UserError(f"no image files in {self.root} ({layout}, e.g. .jpg or .png files)")
+        self.empty_classes = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
+        super().__init__(samples, transform, substitute, name=str(self.root))
+
+    def _keep_file(self, path: str) -> bool:
+        if has_image_extension(path):
+            return True
+        if not os.path.basename(path).startswith("."):
+            self.ignored_files.append(path)
+        return False

@@ -1,0 +1,321 @@
+"""Training run settings: one typed dataclass, filled from a YAML recipe and then from command-line flags.
+
+Every field is a YAML key and a flag of `mambaout train` (`warmup_epochs` <-> `--warmup-epochs`). Values are coerced
+and checked in `__post_init__`; a bad one raises `UserError` naming its flag. The defaults are the paper's ImageNet
+recipe for MambaOut-Femto; `configs/<variant>_in1k.yaml` spell it out per variant.
+
+Learning rate: `base_lr` is per 1024 images of *global* batch (per-device batch × processes × accumulation steps),
+so `lr = base_lr × global_batch / 1024` (the paper: 1e-3 per 1024, i.e. 4e-3 at 4096). Setting `lr` instead fixes
+the absolute rate. The resolved `lr` is what a run saves, so a resumed run keeps it whatever its hardware.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from timm.optim import list_optimizers
+
+from mambaout.errors import UserError
+
+__all__ = [
+    "CONFIG_DIR",
+    "TrainConfig",
+    "add_config_arguments",
+    "build_config",
+    "config_overrides",
+    "flag",
+    "load_config_file",
+]
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+_LR_BATCH = 1024
+AMP_MODES = ("auto", "none", "bf16", "fp16")
+SCHEDULES = ("cosine", "tanh", "poly")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _f(default: Any, text: str) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides its hardware; saved resolved beside every checkpoint."""
+
+    # what to train, on what, where
+    model: str = _f("mambaout_femto", "registered model name (`mambaout models`)")
+    model_kwargs: dict = field(
+        default_factory=dict,
+        metadata={"help": "extra model constructor arguments as YAML, e.g. '{depths: [1, 1, 1, 1]}'"},
+    )
+    pretrained: str | None = _f(None, "start from weights: 'official', 'timm', a checkpoint path or URL")
+    num_classes: int | None = _f(None, "classifier outputs; default the number of class folders")
+    data: str | None = _f(None, "ImageFolder root with train/ and val/; default the bundled digits")
+    output: str | None = _f(None, "run directory; default runs/<model>-<data>-<time>")
+    # schedule
+    epochs: int = _f(300, "training epochs")
+    warmup_epochs: int = _f(20, "linear warmup epochs from --warmup-lr")
+    batch_size: int = _f(128, "images per device per micro-step")
+    accum_steps: int = _f(1, "micro-steps accumulated per optimizer step")
+    base_lr: float = _f(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
+    lr: float | None = _f(None, "absolute learning rate; overrides --base-lr")
+    warmup_lr: float = _f(1e-6, "learning rate at the start of warmup")
+    min_lr: float = _f(1e-5, "learning rate at the end of the schedule")
+    sched: str = _f("cosine", f"learning-rate schedule: {', '.join(SCHEDULES)}")
+    sched_on_updates: bool = _f(True, "step the schedule every optimizer step (else every epoch)")
+    opt: str = _f("adamw", "timm optimizer name")
+    opt_eps: float | None = _f(None, "optimizer epsilon; default the optimizer's")
+    opt_betas: tuple[float, float] | None = _f(None, "Adam betas; default the optimizer's (0.9, 0.999)")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.05, "weight decay, not applied to norms, biases and LayerScales")
+    layer_decay: float | None = _f(None, "layer-wise learning-rate decay (fine-tuning), e.g. 0.8")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value")
+    # regularization
+    drop_path: float = _f(0.025, "stochastic depth of the last block (femto/kobe 0.025, tiny 0.2, small 0.4, base 0.6)")
+    drop: float = _f(0.0, "dropout before the classifier")
+    smoothing: float = _f(0.1, "label smoothing")
+    mixup: float = _f(0.8, "mixup alpha; 0 disables")
+    cutmix: float = _f(1.0, "cutmix alpha; 0 disables")
+    mixup_prob: float = _f(1.0, "probability of mixing a batch")
+    mixup_switch_prob: float = _f(0.5, "probability of cutmix instead of mixup when both are on")
+    mixup_mode: str = _f("batch", "mix per 'batch', 'pair' or 'elem'")
+    # data
+    input_size: int | None = _f(None, "square training and evaluation size; default the model's (224)")
+    eval_crop_pct: float | None = _f(None, "evaluation center-crop fraction; default the model's (1.0)")
+    interpolation: str | None = _f(None, "evaluation resize interpolation; default the model's (bicubic)")
+    mean: tuple[float, float, float] | None = _f(None, "normalization mean; default the model's (ImageNet)")
+    std: tuple[float, float, float] | None = _f(None, "normalization std; default the model's (ImageNet)")
+    train_interpolation: str = _f("random", "training resize interpolation: random, bilinear, bicubic")
+    scale: tuple[float, float] = _f((0.08, 1.0), "random-resized-crop area range")
+    ratio: tuple[float, float] = _f((3 / 4, 4 / 3), "random-resized-crop aspect-ratio range")
+    hflip: float = _f(0.5, "horizontal flip probability")
+    vflip: float = _f(0.0, "vertical flip probability")
+    color_jitter: float | None = _f(0.4, "color jitter strength (unused by timm when --auto-augment is set)")
+    auto_augment: str | None = _f("rand-m9-mstd0.5-inc1", "timm auto-augment policy; none disables")
+    re_prob: float = _f(0.25, "random erasing probability")
+    re_mode: str = _f("pixel", "random erasing fill: const, rand, pixel")
+    re_count: int = _f(1, "random erasing boxes per image")
+    workers: int = _f(8, "data loading processes per device (0: in the training process)")
+    threads: int = _f(0, "CPU threads for torch ops per process (0: torch's default, one per core)")
+    # engine
+    amp: str = _f("auto", "mixed precision: auto (bf16 on GPU, none on CPU), none, bf16, fp16 (GPU, with a scaler)")
+    ema: bool = _f(False, "keep and evaluate an exponential moving average of the weights")
+    ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
+    ema_warmup: bool = _f(False, "ramp the EMA decay up over the first steps")
+    compile: bool = _f(False, "torch.compile the model")
+    channels_last: bool = _f(True, "channels-last memory format for images and model")
+    grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
+    seed: int = _f(0, "random seed (each process adds its rank)")
+    deterministic: bool = _f(False, "use deterministic algorithms only (slower)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (distributed runs use cuda:<local rank>)")
+    # records
+    eval_interval: int = _f(1, "evaluate every N epochs (and always after the last)")
+    save_interval: int = _f(0, "also save last.pth every N optimizer steps within an epoch (0: at epoch ends)")
+    log_interval: int = _f(50, "optimizer steps between progress lines when not on a terminal")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self._validate()
+
+    def _validate(self) -> None:
+        from mambaout.models import get_spec
+
+        try:
+            get_spec(self.model)
+        except UserError as e:
+            raise UserError(f"--model: {e}") from None
+        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        _check(
+            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be within 0..--epochs", self.warmup_epochs
+        )
+        for name in ("batch_size", "accum_steps", "re_count", "eval_interval", "log_interval"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("workers", "threads", "save_interval", "seed", "weight_decay", "momentum", "min_lr", "warmup_lr"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        for name in ("base_lr", "lr", "clip_grad", "num_classes", "input_size", "opt_eps", "eval_crop_pct"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be > 0", value)
+        for name in ("drop_path", "drop", "smoothing", "ema_decay"):
+            _check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        for name in ("mixup_prob", "mixup_switch_prob", "hflip", "vflip", "re_prob"):
+            _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]", getattr(self, name))
+        _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "and --cutmix must be >= 0", (self.mixup, self.cutmix))
+        _check(
+            self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]", self.layer_decay
+        )
+        _check(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "must be 0 < min <= max <= 1", self.scale)
+        _check(0 < self.ratio[0] <= self.ratio[1], "ratio", "must be 0 < min <= max", self.ratio)
+        _check(self.input_size is None or self.input_size >= 16, "input_size", "must be >= 16", self.input_size)
+        _choice(self.amp, "amp", AMP_MODES)
+        _choice(self.sched, "sched", SCHEDULES)
+        _check(self.opt.lower() in list_optimizers(), "opt", "must be a timm optimizer name, e.g. adamw, sgd", self.opt)
+        _choice(self.mixup_mode, "mixup_mode", ("batch", "pair", "elem"))
+        _choice(self.re_mode, "re_mode", ("const", "rand", "pixel"))
+        _choice(self.train_interpolation, "train_interpolation", ("random", *INTERPOLATIONS))
+        if self.interpolation is not None:
+            _choice(self.interpolation, "interpolation", INTERPOLATIONS)
+        _check(
+            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+            "device",
+            "must be auto, cpu, cuda or cuda:N",
+            self.device,
+        )
+        if self.mixup_active:
+            _check(self.batch_size % 2 == 0, "batch_size", "must be even when mixup/cutmix is on", self.batch_size)
+
+    @property
+    def mixup_active(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * world_size * self.accum_steps
+
+    def resolved_lr(self, world_size: int) -> float:
+        """`lr` when set, else `base_lr × global batch / 1024`."""
+        return self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / _LR_BATCH
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain python values only (lists for tuples): YAML-safe and loadable with `torch.load(weights_only=True)`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of config key `name`."""
+    return "--" + name.replace("_", "-")
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"{flag(name)} {rule}" + (f" (got {value})" if value is not None else ""))
+
+
+def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, name, f"must be one of {', '.join(choices)}", repr(value))
+
+
+def _coerce(name: str, hint: Any, value: Any) -> Any:
+    """`value` (from YAML, a flag's text or Python) as type `hint`, or a `UserError` naming the flag."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+            return None
+        (hint,) = (a for a in args if a is not type(None))
+        args = typing.get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1", "false", "no", "0"):
+                return value.strip().lower() in ("true", "yes", "1")
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            return str(value)
+        if typing.get_origin(hint) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            if len(items) != len(args):
+                raise ValueError
+            return tuple(_coerce(name, a, v) for a, v in zip(args, items, strict=True))
+        if hint is dict:
+            value = yaml.safe_load(value) if isinstance(value, str) else value
+            if value is None:
+                return {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (TypeError, ValueError, yaml.YAMLError):
+        pass
+    else:
+        raise TypeError(f"config field {name} has an unsupported type {hint}")
+    raise UserError(f"{flag(name)} expects {_describe(hint)}, got {value!r}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"{len(typing.get_args(hint))} numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", dict: "a YAML mapping"}.get(hint, str(hint))
+
+
+def _check_keys(keys: Any, source: str) -> None:
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in keys:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"unknown config key '{key}' in {source}{hint}")
+
+
+def load_config_file(name_or_path: str) -> dict[str, Any]:
+    """Read a YAML recipe: a path, or the name of one in `configs/` (`femto_in1k`, `digits_cpu`).
+
+    Raises:
+        UserError: the file is missing, is not a YAML mapping, or has a key that is not a config field.
+    """
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        named = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        if not named.is_file():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none found"
+            raise UserError(f"--config: no file {path} and no recipe named '{name_or_path}' (recipes: {known})")
+        path = named
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"--config: {path} must be a mapping of config keys to values")
+    _check_keys(loaded, str(path))
+    return loaded
+
+
+def build_config(base: dict[str, Any] | None = None, *layers: dict[str, Any]) -> TrainConfig:
+    """A validated config from `base` (defaults when None) updated by each layer in turn (file, then flags)."""
+    merged = dict(base or {})
+    for layer in layers:
+        _check_keys(layer, "the command line")
+        merged.update(layer)
+    _check_keys(merged, "the saved config")
+    return TrainConfig(**merged)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, defaulting to 'not given' so that only explicit flags override the recipe."""
+    hints = typing.get_type_hints(TrainConfig)
+    group = parser.add_argument_group("run settings (override the --config recipe)")
+    for f in dataclasses.fields(TrainConfig):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata['help']} (built-in: {default})"
+        if hint is bool:
+            group.add_argument(
+                flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
+            continue
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
+        nargs = len(typing.get_args(hint)) if typing.get_origin(hint) is tuple else None
+        metavar = f.name.upper() if nargs is None else tuple(["V"] * nargs)
+        group.add_argument(flag(f.name), nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+
+
+def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config fields given as flags in `args` (raw text, coerced by `TrainConfig`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}

@@ -1,0 +1,277 @@
+"""The engine: `train_one_epoch` and `evaluate` (the shape of ConvNeXt's engine.py), and `predict`.
+
+One optimizer step is `accum_steps` micro-batches; under DistributedDataParallel all but the last run in `no_sync`,
+so gradients are all-reduced once per step. Mixed precision is `torch.autocast` (bf16, or fp16 with a GradScaler).
+"""
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mambaout.errors import UserError
+from mambaout.train.distributed import DistEnv
+from mambaout.train.progress import Progress
+
+__all__ = [
+    "EpochProgress",
+    "NonFiniteLoss",
+    "TrainParts",
+    "current_lr",
+    "evaluate",
+    "predict",
+    "resolve_amp",
+    "train_one_epoch",
+]
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the run stops without writing anything."""
+
+
+@dataclass
+class TrainParts:
+    """Everything `train_one_epoch` steps.
+
+    Attributes:
+        model: What runs forward: the model, or its DDP / compiled wrapper.
+        module: The plain model inside (for EMA, clipping and checkpoints).
+        optimizer: Built by timm's `create_optimizer_v2`.
+        scheduler: A timm scheduler; `step_update` is called after every optimizer step.
+        criterion: Training loss on (logits, targets), targets soft when mixup is on.
+        env: The process's rank and device.
+        mixup: timm's Mixup/CutMix, or None.
+        scaler: GradScaler for fp16, else None.
+        ema: timm's ModelEmaV3, or None.
+        amp_dtype: Autocast dtype, or None for float32.
+        accum_steps: Micro-batches per optimizer step.
+        clip_grad: Max gradient norm, or None.
+        channels_last: Feed images in channels-last memory format.
+        step: Optimizer steps taken so far over the run.
+    """
+
+    model: nn.Module
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    criterion: nn.Module
+    env: DistEnv
+    mixup: Callable | None = None
+    scaler: torch.amp.GradScaler | None = None
+    ema: nn.Module | None = None
+    amp_dtype: torch.dtype | None = None
+    accum_steps: int = 1
+    clip_grad: float | None = None
+    channels_last: bool = False
+    step: int = 0
+
+
+@dataclass
+class EpochProgress:
+    """How far the current epoch got; saved in mid-epoch checkpoints so a resumed epoch reports the same loss."""
+
+    updates: int = 0
+    loss_sum: float = 0.0
+    samples: int = 0
+    seconds: float = 0.0
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.samples if self.samples else float("nan")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+def _to_device(images: torch.Tensor, targets: torch.Tensor, env: DistEnv, channels_last: bool) -> tuple:
+    images = images.to(env.device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, targets.to(env.device, non_blocking=True)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an `--amp` choice: auto is bf16 on a GPU that has it (else fp16), none on the CPU.
+
+    Raises:
+        UserError: fp16 asked for on the CPU (no GradScaler there).
+    """
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a GPU; use --amp bf16 or --amp none on the CPU")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The largest learning rate over the parameter groups (groups differ only under layer decay)."""
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def train_one_epoch(
+    parts: TrainParts,
+    loader: DataLoader,
+    epoch: int,
+    num_updates: int,
+    progress: EpochProgress,
+    bar: Progress,
+    should_stop: Callable[[], bool],
+    after_update: Callable[[], None] | None = None,
+) -> bool:
+    """Train until the epoch's `num_updates` optimizer steps are done or a stop is requested.
+
+    Args:
+        parts: Model, optimizer and the rest; `parts.step` advances.
+        loader: Yields the epoch's remaining micro-batches (`(num_updates - progress.updates) * accum_steps`).
+        epoch: Zero-based epoch, for messages.
+        num_updates: Optimizer steps in a full epoch.
+        progress: The epoch's tally so far; updated in place.
+        bar: Progress display.
+        should_stop: Asked after every optimizer step (agreed over ranks by the caller).
+        after_update: Called after every optimizer step (e.g. a periodic checkpoint).
+
+    Returns:
+        True when stopped early by `should_stop`.
+
+    Raises:
+        NonFiniteLoss: The loss became NaN or infinite.
+    """
+    model, optimizer, env = parts.model, parts.optimizer, parts.env
+    model.train()
+    batches = iter(loader)
+    start, samples_before = time.perf_counter(), progress.samples
+    while progress.updates < num_updates:
+        for micro in range(parts.accum_steps):
+            images, targets = _to_device(*next(batches), env, parts.channels_last)
+            if parts.mixup is not None:
+                images, targets = parts.mixup(images, targets)
+            # gradients are all-reduced only on the last micro-batch of a step
+            syncing = micro == parts.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
+            with nullcontext() if syncing else model.no_sync():
+                with _autocast(env.device, parts.amp_dtype):
+                    loss = parts.criterion(model(images), targets)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(
+                        f"loss is {value} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
+                        f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
+                        "good state: resume from it with a lower --lr, --clip-grad or --amp none"
+                    )
+                scaled = loss / parts.accum_steps
+                (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+            progress.loss_sum += value * len(images)
+            progress.samples += len(images)
+        _optimizer_step(parts)
+        progress.updates += 1
+        elapsed = time.perf_counter() - start
+        images_per_sec = (progress.samples - samples_before) * env.world_size / max(elapsed, 1e-9)
+        bar.update(progress.loss, current_lr(optimizer), images_per_sec)
+        if after_update is not None:
+            after_update()
+        if should_stop():
+            progress.seconds += time.perf_counter() - start
+            return True
+    progress.seconds += time.perf_counter() - start
+    return False
+
+
+def _optimizer_step(parts: TrainParts) -> None:
+    if parts.scaler is not None:
+        if parts.clip_grad is not None:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.module.parameters(), parts.clip_grad)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+    else:
+        if parts.clip_grad is not None:
+            nn.utils.clip_grad_norm_(parts.module.parameters(), parts.clip_grad)
+        parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    parts.step += 1
+    parts.scheduler.step_update(num_updates=parts.step)
+    if parts.ema is not None:
+        parts.ema.update(parts.module, step=parts.step)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    env: DistEnv,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> dict[str, float]:
+    """Top-1/top-5 accuracy and cross-entropy over `loader`, summed over all ranks.
+
+    Samples labelled -1 (unreadable files) are left out. With fewer than 5 classes, top-5 is top-all (100%).
+
+    Returns:
+        `loss`, `top1` and `top5` (percent), `images` (counted) and `images_per_sec` (all ranks together).
+    """
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss sum, top-1 hits, top-5 hits, images
+    start = time.perf_counter()
+    for images, targets in loader:
+        keep = targets >= 0
+        if not keep.any():
+            continue
+        images, targets = _to_device(images[keep], targets[keep], env, channels_last)
+        with _autocast(env.device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # [B, k]
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        totals += torch.stack([loss, hits[:, 0].sum(), hits.any(1).sum(), keep.sum().to(env.device)]).double()
+    env.all_reduce_(totals)
+    seconds = time.perf_counter() - start
+    loss_sum, top1, top5, count = totals.tolist()
+    if count == 0:
+        return {"loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "images": 0, "images_per_sec": 0.0}
+    return {
+        "loss": loss_sum / count,
+        "top1": 100.0 * top1 / count,
+        "top5": 100.0 * top5 / count,
+        "images": int(count),
+        "images_per_sec": count / max(seconds, 1e-9),
+    }
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    top: int,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[int, tuple[list[float], list[int]]]:
+    """The `top` softmax probabilities and class indices of every readable sample.
+
+    Args:
+        loader: Yields (images, sample index), the index -1 for an unreadable file.
+
+    Returns:
+        Sample index -> (probabilities, class indices), most probable first.
+    """
+    model.eval()
+    results: dict[int, tuple[list[float], list[int]]] = {}
+    for images, indices in loader:
+        keep = indices >= 0
+        if not keep.any():
+            continue
+        with _autocast(device, amp_dtype):
+            logits = model(images[keep].to(device))
+        probs, classes = logits.float().softmax(dim=1).topk(min(top, logits.shape[1]), dim=1)
+        for i, p, c in zip(indices[keep].tolist(), probs.tolist(), classes.tolist(), strict=True):
+            results[i] = (p, c)
+    return results

@@ -1,0 +1,197 @@
+"""Evaluation and prediction with a trained model: from any checkpoint to metrics or top-k class names.
+
+A `mambaout train` checkpoint brings its model name, class names and preprocessing; other weights (published,
+official, timm, a plain state dict) need `--model` and use the model's ImageNet preprocessing and class names.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from mambaout.data import ImageFiles, RobustImageFolder, ShardSampler, digits_tree, list_images
+from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
+from mambaout.data.transforms import data_config, eval_transform
+from mambaout.errors import UserError
+from mambaout.models import create_model
+from mambaout.train.checkpoint import is_run_checkpoint
+from mambaout.train.distributed import DistEnv
+from mambaout.train.engine import evaluate, predict
+from mambaout.weights import convert_state_dict, load_checkpoint, unwrap_state_dict
+from mambaout.weights.download import is_url
+from mambaout.weights.io import read_file
+
+__all__ = ["Classifier", "evaluate_folder", "load_classifier", "predict_files"]
+
+
+@dataclass
+class Classifier:
+    """A model ready for inference with what it needs to read images and name classes.
+
+    Attributes:
+        model: In eval mode, on its device.
+        model_name: Registered variant.
+        class_names: Display name per output (folder names, ImageNet descriptions, or `class_<i>`).
+        folder_classes: Folder name per output, to label an ImageFolder tree (None: sorted folders).
+        data: timm data config (input_size, interpolation, crop_pct, mean, std).
+        source: Where the weights came from, for records.
+        val_data: The validation split of the run that trained it, when known.
+    """
+
+    model: nn.Module
+    model_name: str
+    class_names: list[str]
+    folder_classes: list[str] | None
+    data: dict[str, Any]
+    source: str
+    val_data: Path | None = None
+
+
+def load_classifier(
+    checkpoint: str | None,
+    model_name: str | None = None,
+    prefer_ema: bool = False,
+    device: torch.device | str = "cpu",
+    input_size: int | None = None,
+    crop_pct: float | None = None,
+) -> Classifier:
+    """Build the model a checkpoint describes and load it.
+
+    Args:
+        checkpoint: A `mambaout train` checkpoint; any weights file or URL `load_checkpoint` reads (needs
+            `model_name`); a source name ("official", "timm"); or None for the variant's published weights.
+        model_name: Registered variant; default the training checkpoint's.
+        prefer_ema: Use the checkpoint's EMA weights.
+        device: Where to put the model.
+        input_size: Evaluate at this square size instead of the checkpoint's / model's.
+        crop_pct: Center-crop fraction instead of the checkpoint's / model's.
+
+    Raises:
+        UserError: Unreadable or unfitting checkpoint, unknown model, or `model_name` missing when needed.
+    """
+    local = checkpoint is not None and not is_url(checkpoint) and Path(checkpoint).expanduser().exists()
+    loaded = read_file(Path(checkpoint).expanduser()) if local else None
+    if is_run_checkpoint(loaded):
+        saved = loaded["config"]
+        if model_name and model_name != loaded["model_name"]:
+            raise UserError(f"{checkpoint} holds a {loaded['model_name']}, not a {model_name}: drop --model")
+        model_name = loaded["model_name"]
+        names = list(loaded["class_names"])
+        model = create_model(model_name, num_classes=len(names), **saved.get("model_kwargs", {}))
+        load_checkpoint(model, loaded, prefer_ema=prefer_ema, name=str(checkpoint))
+        data = data_config(
+            model,
+            input_size or saved.get("input_size"),
+            crop_pct or saved.get("eval_crop_pct"),
+            saved.get("interpolation"),
+            saved.get("mean"),
+            saved.get("std"),
+        )
+        root = Path(saved["data"]).expanduser() if saved.get("data") else digits_tree()
+        return Classifier(model.to(device).eval(), model_name, names, names, data, str(checkpoint), root / "val")
+    if not model_name:
+        raise UserError(
+            f"--model is needed for {checkpoint or 'published weights'} (not a `mambaout train` checkpoint)"
+        )
+    if loaded is not None:
+        weights = convert_state_dict(unwrap_state_dict(loaded, prefer_ema, name=str(checkpoint)), to="mambaout")
+        classifier = weights.get("head.fc.weight")
+        model = create_model(model_name, num_classes=classifier.shape[0] if classifier is not None else 0)
+        load_checkpoint(model, weights, name=str(checkpoint))
+    else:
+        model = create_model(model_name, pretrained=checkpoint or True)
+    classes = model.num_classes
+    imagenet = classes == IMAGENET_CLASSES
+    names = list(imagenet_class_names()) if imagenet else [f"class_{i}" for i in range(classes)]
+    folders = list(imagenet_synsets()) if imagenet else None
+    data = data_config(model, input_size, crop_pct)
+    return Classifier(model.to(device).eval(), model_name, names, folders, data, checkpoint or "published")
+
+
+def evaluate_folder(
+    classifier: Classifier,
+    root: str | os.PathLike,
+    env: DistEnv,
+    batch_size: int = 128,
+    workers: int = 4,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Top-1/top-5, loss and throughput of `classifier` on an ImageFolder tree (`root/<class>/<images>`).
+
+    Folders are matched to outputs by name (the checkpoint's classes, or ImageNet WordNet ids); otherwise sorted
+    folders are taken in output order, which needs as many folders as outputs.
+
+    Returns:
+        The metrics of `evaluate` plus `unreadable` (files skipped) and `seconds`.
+    """
+    root = Path(root).expanduser()
+    folders = (
+        sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")) if root.is_dir() else []
+    )
+    classes = classifier.folder_classes
+    if not folders or (classes is not None and set(folders) <= set(classes)):
+        pass  # named classes, or a missing/empty tree that RobustImageFolder reports
+    elif len(folders) == len(classifier.class_names):
+        classes = folders  # unnamed outputs: sorted folders in output order, as ImageFolder labels them
+    else:
+        raise UserError(
+            f"the {len(folders)} class folders of {root} do not match the model's {len(classifier.class_names)} "
+            f"classes (e.g. folder '{folders[0]}')"
+        )
+    dataset = RobustImageFolder(root, eval_transform(classifier.data), classes=classes, substitute=False)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(dataset, env.world_size, env.rank),
+        num_workers=workers,
+        pin_memory=env.device.type == "cuda",
+    )
+    start = time.perf_counter()
+    metrics = evaluate(classifier.model, loader, env, amp_dtype)
+    unreadable = dataset.new_unreadable()
+    return {**metrics, "unreadable": [f"{p} ({r})" for p, r in unreadable], "seconds": time.perf_counter() - start}
+
+
+def predict_files(
+    classifier: Classifier,
+    paths: list[str],
+    top: int = 5,
+    batch_size: int = 32,
+    workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Top-`top` classes of every image among `paths` (files, or folders searched recursively).
+
+    Returns:
+        One `{"path", "predictions": [{"rank", "label", "index", "probability"}]}` per readable image, in input
+        order, and the (path, reason) of each unreadable one.
+
+    Raises:
+        UserError: A path does not exist, no image found, or none readable.
+    """
+    try:
+        files = list_images(paths)
+    except FileNotFoundError as e:
+        raise UserError(f"no such file or folder: {e.args[0]}") from None
+    if not files:
+        raise UserError(f"no image files in {', '.join(map(str, paths))}")
+    dataset = ImageFiles([(str(f), i) for i, f in enumerate(files)], eval_transform(classifier.data), substitute=False)
+    device = next(classifier.model.parameters()).device
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
+    found = predict(classifier.model, loader, device, top, amp_dtype)
+    results = [
+        {
+            "path": str(files[i]),
+            "predictions": [
+                {"rank": r + 1, "label": classifier.class_names[c], "index": c, "probability": p}
+                for r, (p, c) in enumerate(zip(*found[i], strict=True))
+            ],
+        }
+        for i in sorted(found)
+    ]
+    return results, dataset.new_unreadable()

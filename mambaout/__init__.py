@@ -1,8 +1,17 @@
 """mambaout: the MambaOut vision backbones (Yu & Wang, CVPR 2025) — models, weights, training, fast inference."""
 
 from mambaout.errors import UserError
+from mambaout.fast import optimize_for_inference
 from mambaout.models import MambaOut, create_model, list_models, model_complexity
 from mambaout.weights import load_checkpoint
 
-__all__ = ["MambaOut", "UserError", "create_model", "list_models", "load_checkpoint", "model_complexity"]
+__all__ = [
+    "MambaOut",
+    "UserError",
+    "create_model",
+    "list_models",
+    "load_checkpoint",
+    "model_complexity",
+    "optimize_for_inference",
+]
 __version__ = "0.1.0"

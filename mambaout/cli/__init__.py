@@ -19,6 +19,8 @@ SUBCOMMANDS = {
     "eval": "eval",
     "predict": "predict",
     "plot": "plot",
+    "bench": "bench",
+    "export": "export",
 }
 
 

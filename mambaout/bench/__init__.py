@@ -1,0 +1,17 @@
+"""The benchmark harness: our paths against timm's MambaOut with the same weights, in the same run."""
+
+from mambaout.bench.harness import BenchPath, PathResult, machine_summary, markdown_table, measure, peak_memory_mib
+from mambaout.bench.run import DTYPES, BenchSettings, matmul_peak_gflops, run_benchmark
+
+__all__ = [
+    "DTYPES",
+    "BenchPath",
+    "BenchSettings",
+    "PathResult",
+    "machine_summary",
+    "markdown_table",
+    "matmul_peak_gflops",
+    "measure",
+    "peak_memory_mib",
+    "run_benchmark",
+]

@@ -1,0 +1,230 @@
+"""Timing, memory and reporting machinery of the benchmark: interleaved repeats, medians, ratios, a Markdown table.
+
+Every path runs in the same process on the same input, in turn within each repeat (the order rotates from one
+repeat to the next), so that load from other processes falls on all of them alike; the table reports medians and
+ratios to the baseline, and the machine, date and load average at the time.
+"""
+
+import ctypes
+import ctypes.util
+import datetime
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["BenchPath", "PathResult", "machine_summary", "markdown_table", "measure", "peak_memory_mib"]
+
+
+@dataclass
+class BenchPath:
+    """One way of running the model, timed as a whole call.
+
+    Attributes:
+        name: Row label ("timm eager", "mambaout fast", ...).
+        run: One call: a forward pass, or a whole training step; returns when the work is done.
+        baseline: The row the others are compared with (one per table).
+        note: What this path is, for the table's notes.
+    """
+
+    name: str
+    run: Callable[[], object]
+    baseline: bool = False
+    note: str = ""
+
+
+@dataclass
+class PathResult:
+    """Measurements of one path.
+
+    Attributes:
+        name: The path's name.
+        latencies_s: Every timed call, in seconds.
+        peak_mib: Peak extra memory of one call in MiB, or None when it could not be measured.
+        baseline: Whether this is the baseline row.
+    """
+
+    name: str
+    latencies_s: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+    baseline: bool = False
+
+    def quantile_ms(self, q: float) -> float:
+        """Latency quantile `q` in [0, 1] in milliseconds (linear interpolation between calls)."""
+        xs = sorted(self.latencies_s)
+        pos = q * (len(xs) - 1)
+        lo, hi = int(pos), min(int(pos) + 1, len(xs) - 1)
+        return 1e3 * (xs[lo] + (xs[hi] - xs[lo]) * (pos - lo))
+
+    def images_per_s(self, batch_size: int) -> float:
+        """Throughput from the median call latency."""
+        return batch_size / statistics.median(self.latencies_s)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(
+    paths: Sequence[BenchPath], repeats: int, warmup: int = 1, iters: int = 1, device: str = "cpu"
+) -> list[PathResult]:
+    """Time every path `repeats` × `iters` times, interleaved, after `warmup` untimed calls each.
+
+    Args:
+        paths: The paths to time.
+        repeats: Rounds; in each round every path runs `iters` timed calls, in an order rotated per round.
+        warmup: Untimed calls per path before the first round (compilation, allocator warm-up).
+        iters: Timed calls per path per round.
+        device: "cpu" or "cuda[:i]" (CUDA calls are synchronized before the clock stops).
+
+    Returns:
+        One `PathResult` per path, in the order given (memory not yet measured).
+    """
+    results = {p.name: PathResult(p.name, baseline=p.baseline) for p in paths}
+    for p in paths:
+        for _ in range(warmup):
+            p.run()
+        _sync(device)
+    for r in range(repeats):
+        k = r % len(paths)
+        for p in list(paths[k:]) + list(paths[:k]):
+            for _ in range(iters):
+                _sync(device)
+                start = time.perf_counter()
+                p.run()
+                _sync(device)
+                results[p.name].latencies_s.append(time.perf_counter() - start)
+    return [results[p.name] for p in paths]
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _trim_heap() -> None:
+    # give freed heap pages back to the OS so that the RSS before a call is not inflated by an earlier path's peak
+    libc = ctypes.util.find_library("c")
+    if libc:
+        fn = getattr(ctypes.CDLL(libc), "malloc_trim", None)
+        if fn is not None:
+            fn(0)
+
+
+def peak_memory_mib(run: Callable[[], object], device: str = "cpu", interval_s: float = 5e-4) -> float | None:
+    """Peak memory one call adds, in MiB.
+
+    On CUDA: the allocator's peak over the call minus what was allocated before. On CPU: the process's resident set
+    size sampled every `interval_s` by a thread during the call, minus the RSS before (after trimming the heap);
+    this counts every allocator (PyTorch, oneDNN scratch, ONNX Runtime) alike. None where neither is available.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    _trim_heap()
+    before = _rss_bytes()
+    if before is None:
+        return None
+    peak = before
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes() or 0)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        run()
+    finally:
+        done.set()
+        sampler.join()
+    peak = max(peak, _rss_bytes() or 0)
+    return (peak - before) / 2**20
+
+
+def machine_summary(device: str = "cpu") -> dict[str, str]:
+    """Machine, software, threads, date and load average, for the lines above a table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}",
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load": "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def markdown_table(
+    title: str,
+    command: str,
+    results: Sequence[PathResult],
+    batch_size: int,
+    params: int,
+    macs: int,
+    machine: dict[str, str],
+    load_after: str,
+    notes: Sequence[str] = (),
+) -> str:
+    """The benchmark's Markdown section: a heading, how and where it ran, the table, and notes.
+
+    Args:
+        title: Heading text.
+        command: The command line that reproduces it.
+        results: Measured paths; exactly one should be the baseline.
+        batch_size: Images per call.
+        params: Parameters of the model.
+        macs: Multiply-accumulates per image.
+        machine: `machine_summary()` taken before the run (its load is the load before).
+        load_after: Load average after the run.
+        notes: Extra lines under the table.
+    """
+    base = next((r for r in results if r.baseline), results[0])
+    base_ips = base.images_per_s(batch_size)
+    lines = [
+        f"### {title}",
+        "",
+        f"- command: `{command}`",
+        f"- machine: {machine['cpu']}{'; ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
+        f"{machine['threads']} thread{'' if machine['threads'] == '1' else 's'}",
+        f"- date: {machine['date']}; load average (1/5/15 min) before {machine['load']}, after {load_after}",
+        f"- {len(results[0].latencies_s)} timed calls per path, interleaved; medians; ratio = img/s over `{base.name}`",
+        "",
+        "| path | params (M) | GMACs/img | img/s | p50 (ms) | p90 (ms) | peak mem (MiB) | × baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ips = r.images_per_s(batch_size)
+        lines.append(
+            f"| {r.name} | {params / 1e6:.2f} | {macs / 1e9:.3f} | {ips:.2f} | {r.quantile_ms(0.5):.1f} | "
+            f"{r.quantile_ms(0.9):.1f} | {_fmt(r.peak_mib)} | {ips / base_ips:.2f} |"
+        )
+    lines += [""] + [f"- {n}" for n in notes if n]
+    return "\n".join(lines).rstrip() + "\n"

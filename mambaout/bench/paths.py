@@ -1,0 +1,162 @@
+"""The paths a benchmark compares: timm's `mambaout_*` with the same weights (the baseline), and ours.
+
+Inference: timm eager (bf16: under autocast, the usual way to run it in bf16), our fused path
+(`optimize_for_inference`), both `torch.compile`d with `--compile`, and ONNX Runtime on our exported model with
+`--onnx`; `--levers` times our fp32 levers one at a time instead. Training: one whole step (forward, backward,
+AdamW) of timm's model against `mambaout.fast.train_step`.
+"""
+
+import contextlib
+import copy
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mambaout.bench.harness import BenchPath
+from mambaout.fast import REFERENCE_ENV, optimize_for_inference
+from mambaout.fast.train_step import TrainStepConfig, fused_adamw, make_train_step
+from mambaout.models import MambaOut
+from mambaout.weights import convert_state_dict
+
+__all__ = ["inference_paths", "lever_paths", "onnx_path", "timm_twin", "train_paths"]
+
+
+def timm_twin(model: MambaOut, name: str) -> nn.Module:
+    """timm's `name` holding `model`'s weights (same device, eval mode)."""
+    import timm
+
+    twin = timm.create_model(name, pretrained=False, num_classes=model.num_classes)
+    twin.load_state_dict(convert_state_dict(model.state_dict(), to="timm"), strict=True)
+    return twin.to(next(model.parameters()).device).eval()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def _infer(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast: torch.dtype | None = None):
+    def run() -> torch.Tensor:
+        with torch.inference_mode(), _autocast(x.device, autocast or torch.float32):
+            return fn(x)
+
+    return run
+
+
+def _compile(module: nn.Module, freeze: bool) -> Callable:
+    # freezing lets inductor constant-fold the weights and pre-pack them for oneDNN (inference only)
+    return torch.compile(module, options={"freezing": True} if freeze else None)
+
+
+def inference_paths(
+    model: MambaOut, name: str, x: torch.Tensor, dtype: torch.dtype, compiled: bool, micro_batch: int | None
+) -> list[BenchPath]:
+    """timm eager (baseline) and our fused path, plus both compiled when `compiled`.
+
+    Args:
+        model: The reference model with the weights to compare (eval mode, on the benchmark device).
+        name: Its registry name (= timm's name).
+        x: Input images `[B, 3, H, W]` fp32.
+        dtype: float32, or bfloat16 (timm under autocast, ours with bf16 weights).
+        compiled: Add `torch.compile`d versions of both.
+        micro_batch: Our path's micro-batch, None for automatic.
+    """
+    twin = timm_twin(model, name)
+    tag = "" if dtype == torch.float32 else " bf16"
+    autocast_tag = "" if dtype == torch.float32 else " bf16 autocast"
+    fast = optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch)
+    paths = [
+        BenchPath(f"timm eager{autocast_tag}", _infer(twin, x, dtype), baseline=True, note="timm.create_model"),
+        BenchPath(f"mambaout fast{tag}", _infer(fast, x), note="optimize_for_inference"),
+    ]
+    if compiled:
+        paths.append(BenchPath(f"timm compiled{autocast_tag}", _infer(_compile(twin, freeze=True), x, dtype)))
+        fast_c = optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch, compile=True)
+        paths.append(BenchPath(f"mambaout fast compiled{tag}", _infer(fast_c, x)))
+    return paths
+
+
+def lever_paths(model: MambaOut, name: str, x: torch.Tensor, micro_batch: int | None) -> list[BenchPath]:
+    """The fp32 inference levers added one at a time, to show what each gives (the ablation table).
+
+    timm eager (baseline); our reference model; fused blocks on composed ops, whole batch; + oneDNN's fused
+    kernels; + micro-batches (= `optimize_for_inference`).
+    """
+    twin = timm_twin(model, name)
+    whole = x.shape[0]
+    with _reference_kernels():
+        plain = optimize_for_inference(model, micro_batch=whole)
+    return [
+        BenchPath("timm eager", _infer(twin, x), baseline=True),
+        BenchPath("mambaout reference eager", _infer(model, x)),
+        BenchPath("+ fused blocks (composed ops, whole batch)", _infer(plain, x)),
+        BenchPath("+ oneDNN fused kernels", _infer(optimize_for_inference(model, micro_batch=whole), x)),
+        BenchPath(
+            "+ micro-batches (optimize_for_inference)",
+            _infer(optimize_for_inference(model, micro_batch=micro_batch), x),
+        ),
+    ]
+
+
+@contextlib.contextmanager
+def _reference_kernels():
+    previous = os.environ.get(REFERENCE_ENV)
+    os.environ[REFERENCE_ENV] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[REFERENCE_ENV]
+        else:
+            os.environ[REFERENCE_ENV] = previous
+
+
+def onnx_path(model: MambaOut, x: torch.Tensor, threads: int) -> tuple[BenchPath, Path]:
+    """ONNX Runtime on our model exported to a temporary file (fp32, CPU); returns the path and the file."""
+    import onnxruntime as ort
+
+    from mambaout.export import export_model
+
+    out = Path(tempfile.mkdtemp(prefix="mambaout-bench-")) / "model.onnx"
+    export_model(model, "onnx", out, img_size=tuple(x.shape[-2:]), verify=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+    run = lambda: session.run(None, feed)  # noqa: E731
+    return BenchPath("onnxruntime", run, note="our exported ONNX; its memory arena is kept between calls"), out
+
+
+def train_paths(
+    model: MambaOut, name: str, x: torch.Tensor, dtype: torch.dtype, micro_batch: int | None
+) -> list[BenchPath]:
+    """One training step (forward, backward, AdamW) of timm's model (baseline) and ours, same weights and data.
+
+    Each path trains its own copy, so the weights drift apart over the repeats; the work per step does not.
+    timm runs as its users run it (fp32, or bf16 autocast); ours runs `mambaout.fast.train_step`.
+    """
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randint(0, model.num_classes, (x.shape[0],), generator=gen).to(x.device)
+    twin = timm_twin(model, name).train()
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.05)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def timm_step() -> None:
+        with _autocast(x.device, dtype):
+            loss = loss_fn(twin(x), targets)
+        loss.backward()
+        twin_opt.step()
+        twin_opt.zero_grad(set_to_none=True)
+
+    ours = copy.deepcopy(model).train()
+    ours_opt = fused_adamw(ours.parameters(), lr=1e-4, weight_decay=0.05)
+    config = TrainStepConfig(amp_dtype=None if dtype == torch.float32 else dtype, micro_batch=micro_batch)
+    step = make_train_step(ours, ours_opt, loss_fn, config)
+    tag = "" if dtype == torch.float32 else " bf16 autocast"
+    return [
+        BenchPath(f"timm train step{tag}", timm_step, baseline=True),
+        BenchPath(f"mambaout train step{tag}", lambda: step(x, targets)),
+    ]

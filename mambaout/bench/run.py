@@ -1,0 +1,171 @@
+"""`run_benchmark`: build the paths a `BenchSettings` asks for, measure them interleaved, return the Markdown."""
+
+import os
+import shlex
+import time
+from dataclasses import dataclass
+
+import torch
+
+from mambaout.bench.harness import machine_summary, markdown_table, measure, peak_memory_mib
+from mambaout.bench.paths import inference_paths, lever_paths, onnx_path, train_paths
+from mambaout.errors import UserError
+from mambaout.models import create_model, get_spec, model_complexity
+
+__all__ = ["DTYPES", "BenchSettings", "matmul_peak_gflops", "run_benchmark"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class BenchSettings:
+    """One benchmark; maps 1:1 to `mambaout bench` flags.
+
+    Attributes:
+        model: Registry name (timm's `mambaout_*` of the same name is the baseline).
+        batch_size: Images per call.
+        img_size: Square input size.
+        dtype: "fp32" or "bf16".
+        compile: Add `torch.compile`d timm and ours.
+        train: Time a training step (forward, backward, AdamW) instead of inference.
+        onnx: Add ONNX Runtime on our exported model (fp32 inference only).
+        levers: Time our fp32 inference levers one at a time (an ablation) instead of the usual paths.
+        repeats: Interleaved rounds; each path runs `iters` timed calls per round.
+        iters: Timed calls per path per round.
+        warmup: Untimed calls per path first.
+        device: "cpu" or "cuda".
+        threads: Intra-op threads (torch and ONNX Runtime); None keeps PyTorch's default.
+        micro_batch: Our paths' micro-batch; None for automatic.
+        seed: Seed of the random weights and images.
+    """
+
+    model: str = "mambaout_femto"
+    batch_size: int = 32
+    img_size: int = 224
+    dtype: str = "fp32"
+    compile: bool = False
+    train: bool = False
+    onnx: bool = False
+    levers: bool = False
+    repeats: int = 5
+    iters: int = 1
+    warmup: int = 1
+    device: str = "cpu"
+    threads: int | None = None
+    micro_batch: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_spec(self.model)
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
+        for flag, value, low in (
+            ("--batch-size", self.batch_size, 1),
+            ("--img-size", self.img_size, 32),
+            ("--repeats", self.repeats, 1),
+            ("--iters", self.iters, 1),
+            ("--warmup", self.warmup, 0),
+        ):
+            if value < low:
+                raise UserError(f"{flag} must be at least {low}, got {value}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be at least 1, got {self.threads}")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise UserError(f"--micro-batch must be at least 1, got {self.micro_batch}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise UserError(f"--device {self.device}: choose cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
+        if (self.onnx or self.levers) and (self.train or self.dtype != "fp32"):
+            raise UserError("--onnx and --levers time fp32 inference; drop --train / use --dtype fp32")
+
+    def command(self) -> str:
+        """The `mambaout bench` command line that reproduces these settings."""
+        args = ["mambaout", "bench", "--model", self.model, "--batch-size", str(self.batch_size)]
+        args += ["--img-size", str(self.img_size), "--dtype", self.dtype, "--repeats", str(self.repeats)]
+        args += [f"--{f}" for f in ("compile", "train", "onnx", "levers") if getattr(self, f)]
+        if self.iters != 1:
+            args += ["--iters", str(self.iters)]
+        if self.device != "cpu":
+            args += ["--device", self.device]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
+        if self.micro_batch is not None:
+            args += ["--micro-batch", str(self.micro_batch)]
+        return shlex.join(args)
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", max_n: int = 2048, budget_s: float = 0.25) -> float:
+    """The machine's matmul peak as PyTorch reaches it: best GFLOP/s of square n×n×n multiplies.
+
+    n doubles from 256 up to `max_n` while one multiply takes under `budget_s` (a dtype without hardware support,
+    such as bf16 on an AVX2-only CPU, runs orders of magnitude slower and stops early); best of the last 2 of 3
+    calls at each size (4 at the first, which warms up).
+    """
+    best, n = 0.0, 256
+    while n <= max_n:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        took = []
+        for _ in range(4 if n == 256 else 3):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            a @ b
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            took.append(time.perf_counter() - start)
+        best = max(best, 2 * n**3 / min(took[-2:]) / 1e9)
+        if min(took[-2:]) > budget_s:
+            break
+        n *= 2
+    return best
+
+
+def run_benchmark(settings: BenchSettings) -> str:
+    """Measure the paths `settings` asks for and return the Markdown section (heading, context, table, notes)."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    dtype = DTYPES[settings.dtype]
+    device = torch.device(settings.device)
+    model = create_model(settings.model).to(device).eval()
+    x = torch.randn(settings.batch_size, 3, settings.img_size, settings.img_size, device=device)
+    params, macs = model_complexity(settings.model, (settings.img_size, settings.img_size))
+    machine = machine_summary(settings.device)
+    exported = None
+    if settings.train:
+        paths = train_paths(model, settings.model, x, dtype, settings.micro_batch)
+    elif settings.levers:
+        paths = lever_paths(model, settings.model, x, settings.micro_batch)
+    else:
+        paths = inference_paths(model, settings.model, x, dtype, settings.compile, settings.micro_batch)
+        if settings.onnx:
+            path, exported = onnx_path(model, x, torch.get_num_threads())
+            paths.append(path)
+    # the peak is measured before and after the paths, and the better kept: load from other processes only lowers it
+    peak = matmul_peak_gflops(dtype, settings.device)
+    try:
+        results = measure(paths, settings.repeats, settings.warmup, settings.iters, settings.device)
+        for path, result in zip(paths, results, strict=True):
+            result.peak_mib = peak_memory_mib(path.run, settings.device)
+    finally:
+        if exported is not None:
+            exported.unlink(missing_ok=True)
+            exported.parent.rmdir()
+    peak = max(peak, matmul_peak_gflops(dtype, settings.device))
+    flops = 2 * macs * (3 if settings.train else 1)  # a training step is ~3x the forward's FLOPs
+    notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, n ≤ 2048, before and after): {peak:.1f} GFLOP/s"]
+    for path, r in zip(paths, results, strict=True):
+        achieved = r.images_per_s(settings.batch_size) * flops / 1e9
+        what = f" ({path.note})" if path.note else ""
+        notes.append(f"{r.name}{what}: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the matmul peak")
+    kind = "training step" if settings.train else "inference levers" if settings.levers else "inference"
+    title = (
+        f"{settings.model}, {kind}, batch {settings.batch_size}, {settings.img_size}², {settings.dtype}, "
+        f"{settings.device}"
+    )
+    load_after = "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return markdown_table(
+        title, settings.command(), results, settings.batch_size, params, macs, machine, load_after, notes
+    )

@@ -1,0 +1,60 @@
+"""Benchmark our fast paths against timm's MambaOut with the same weights; prints a Markdown table.
+
+Every path runs in the same process on the same input, interleaved over --repeats rounds, so that other load on
+the machine falls on all of them alike. The table gives params, MACs, images/s, latency p50/p90, peak memory and
+the ratio to timm eager, with the machine, the date and the load average; BENCHMARKS.md keeps these tables.
+"""
+
+import argparse
+from pathlib import Path
+
+from mambaout.bench import DTYPES, BenchSettings, run_benchmark
+from mambaout.export.writers import atomic_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = BenchSettings()
+    parser.add_argument("--model", default=d.model, metavar="NAME", help=f"variant ({d.model})")
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, metavar="N", help=f"images per call ({d.batch_size})"
+    )
+    parser.add_argument(
+        "--img-size", type=int, default=d.img_size, metavar="N", help=f"square input size ({d.img_size})"
+    )
+    parser.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES), help="fp32, or bf16 (timm under autocast)")
+    parser.add_argument("--compile", action="store_true", help="add torch.compile'd timm and ours")
+    parser.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
+    parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime on our exported model (fp32)")
+    parser.add_argument("--levers", action="store_true", help="time our fp32 inference levers one at a time")
+    parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"interleaved rounds ({d.repeats})")
+    parser.add_argument("--iters", type=int, default=d.iters, metavar="N", help="timed calls per path per round (1)")
+    parser.add_argument("--warmup", type=int, default=d.warmup, metavar="N", help="untimed calls per path first (1)")
+    parser.add_argument("--device", default=d.device, help="cpu or cuda (cpu)")
+    parser.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: PyTorch's)")
+    parser.add_argument("--micro-batch", type=int, metavar="N", help="our paths' micro-batch (default: automatic)")
+    parser.add_argument("--output", metavar="FILE", help="also write the Markdown to FILE (atomically)")
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = BenchSettings(
+        model=args.model,
+        batch_size=args.batch_size,
+        img_size=args.img_size,
+        dtype=args.dtype,
+        compile=args.compile,
+        train=args.train,
+        onnx=args.onnx,
+        levers=args.levers,
+        repeats=args.repeats,
+        iters=args.iters,
+        warmup=args.warmup,
+        device=args.device,
+        threads=args.threads,
+        micro_batch=args.micro_batch,
+    )
+    table = run_benchmark(settings)
+    print(table)
+    if args.output:
+        with atomic_path(Path(args.output)) as tmp:
+            tmp.write_text(table)
+    return 0

@@ -1,0 +1,200 @@
+"""Writers for ONNX, TorchScript and ExportedProgram files, each checked after writing by running what was written.
+
+Every file takes a dynamic batch; ONNX and TorchScript also take any image size, the ExportedProgram any multiple
+of 32 (`torch.export` needs the size expressed as a multiple of a symbol). After writing, the file is loaded back
+(ONNX through ONNX Runtime) and run on fresh random inputs of a batch size and image size other than the ones it
+was traced with; its outputs must match the PyTorch model's to `atol`. The output is written atomically: a failed
+export or verification leaves an existing file as it was.
+"""
+
+import contextlib
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mambaout.errors import UserError
+
+__all__ = ["FORMATS", "ExportReport", "atomic_path", "export_model", "load_exported", "verify_exported"]
+
+FORMATS = ("onnx", "torchscript", "exported-program")
+SIZE_MULTIPLE = 32  # the network's total stride; ExportedProgram sizes are multiples of it
+ONNX_OPSET = 18
+
+
+@dataclass
+class ExportReport:
+    """What was written and how well it reproduced the model.
+
+    Attributes:
+        path: The file written.
+        format: One of `FORMATS`.
+        checks: (input shape, max |difference|) per verification input.
+        dynamic: Which input dims are dynamic ("batch", "height", "width").
+    """
+
+    path: Path
+    format: str
+    checks: list[tuple[tuple[int, ...], float]] = field(default_factory=list)
+    dynamic: tuple[str, ...] = ()
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((d for _, d in self.checks), default=float("nan"))
+
+
+@contextlib.contextmanager
+def atomic_path(output: Path) -> Iterator[Path]:
+    """A temporary path beside `output` that replaces it when the block succeeds and is removed otherwise."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # the temporary name keeps the suffix: some loaders (torch.export's .pt2) go by it
+    fd, tmp = tempfile.mkstemp(prefix=f".{output.stem}.", suffix=f".tmp{output.suffix}", dir=output.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> tuple[str, ...]:
+    if dynamo:
+        batch, height, width = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "height", "width"))
+        dims = {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+            dynamic_shapes={"x": dims}, opset_version=ONNX_OPSET, verbose=False,
+        )  # fmt: skip
+        program.save(str(path))
+        return ("batch", "height (x32)", "width (x32)")
+    # the TorchScript-based exporter: 25x faster to run and takes any image size, not only multiples of 32
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+        torch.onnx.export(
+            model, (example,), str(path), dynamo=False, input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+        )  # fmt: skip
+    return ("batch", "height", "width")
+
+
+def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[str, ...]:
+    # tracing records shape-generic tensor ops: the network has no data- or shape-dependent Python branches.
+    # TorchScript is deprecated in recent PyTorch but still what many C++ and mobile runtimes load.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, torch.jit.TracerWarning))
+        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+    return ("batch", "height", "width")
+
+
+def _write_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[str, ...]:
+    batch, height, width = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "height", "width"))
+    dims = {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}
+    program = torch.export.export(model, (example,), dynamic_shapes={"x": dims}, strict=False)
+    torch.export.save(program, str(path))
+    return ("batch", "height (x32)", "width (x32)")
+
+
+def load_exported(path: str | os.PathLike, fmt: str):
+    """Load an exported file as a callable `images [B, 3, H, W] -> logits` (ONNX: an ONNX Runtime session)."""
+    path = str(path)
+    if fmt == "onnx":
+        import numpy as np
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.asarray(session.run(None, {name: x.detach().cpu().numpy()})[0]))
+
+        return run
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(path, map_location="cpu").eval()
+    if fmt == "exported-program":
+        return torch.export.load(path).module()
+    raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def verify_exported(
+    model: nn.Module, path: Path, fmt: str, shapes: list[tuple[int, int, int, int]], atol: float = 1e-4
+) -> list[tuple[tuple[int, ...], float]]:
+    """Run the file and the model on fresh random inputs of each shape; raise if any output differs by > `atol`.
+
+    Returns:
+        (shape, max |difference|) per shape.
+    """
+    exported = load_exported(path, fmt)
+    gen = torch.Generator().manual_seed(1234)
+    checks = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen)
+        with torch.inference_mode():
+            want = model(x)
+            got = exported(x)
+        diff = (got.float() - want.float()).abs().max().item()
+        checks.append((tuple(shape), diff))
+        if not diff <= atol:
+            raise RuntimeError(f"exported {fmt} differs from PyTorch by {diff:.3g} (> {atol}) on input {shape}")
+    return checks
+
+
+def export_model(
+    model: nn.Module,
+    fmt: str,
+    output: str | os.PathLike,
+    img_size: tuple[int, int] = (224, 224),
+    verify: bool = True,
+    atol: float = 1e-4,
+    onnx_dynamo: bool = False,
+) -> ExportReport:
+    """Export `model` (fp32, CPU, eval mode) to `output` in format `fmt`, then verify the file.
+
+    Args:
+        model: A `MambaOut` (or any images -> logits module built from the same layers).
+        fmt: One of `FORMATS`.
+        output: File to write (atomically; parents are created).
+        img_size: (H, W) of the example input used for tracing.
+        verify: Load the file back and compare it with the model on fresh inputs (batch 1 and 3, the traced size
+            and a second size).
+        atol: Largest max |difference| the verification accepts.
+        onnx_dynamo: Use the `torch.export`-based ONNX exporter (image sizes then multiples of 32).
+
+    Returns:
+        An `ExportReport`.
+
+    Raises:
+        UserError: Unknown format, or a size the format cannot take.
+        RuntimeError: The written file does not reproduce the model (the file is not kept).
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    multiple_only = fmt == "exported-program" or (fmt == "onnx" and onnx_dynamo)
+    if multiple_only and (img_size[0] % SIZE_MULTIPLE or img_size[1] % SIZE_MULTIPLE):
+        raise UserError(f"--img-size {img_size[0]}x{img_size[1]}: {fmt} needs multiples of {SIZE_MULTIPLE}")
+    if fmt == "exported-program" and Path(output).suffix != ".pt2":
+        raise UserError(f"--output {output}: an ExportedProgram file must end in .pt2 (torch.export.load needs it)")
+    model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
+    example = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    output = Path(output)
+    other = (img_size[0] + SIZE_MULTIPLE, max(SIZE_MULTIPLE, img_size[1] - SIZE_MULTIPLE))
+    if not multiple_only:
+        other = (other[0] + 8, other[1] + 8)  # sizes that are no multiple of the stride must work too
+    with atomic_path(output) as tmp:
+        if fmt == "onnx":
+            dynamic = _write_onnx(model, example, tmp, onnx_dynamo)
+        elif fmt == "torchscript":
+            dynamic = _write_torchscript(model, example, tmp)
+        else:
+            dynamic = _write_exported_program(model, example, tmp)
+        checks = verify_exported(model, tmp, fmt, [(1, 3, *img_size), (3, 3, *other)], atol) if verify else []
+    return ExportReport(output, fmt, checks, dynamic)

@@ -1,0 +1,105 @@
+"""The fused Gated CNN block: the reference block's function with fewer passes over memory.
+
+The reference block spends most of its CPU time outside the matrix multiplies: it writes the whole fc1 output,
+splits it, copies the conv slice to make it contiguous, concatenates the identity and conv halves and then
+multiplies by the gate. This block computes the same function as follows (N = B·H·W pixels, h hidden, `hi` identity
+channels, `cc` conv channels, h = hi + cc):
+
+1. The LayerNorm affine is folded into fc1 and LayerScale into fc2, so LN runs without affine.
+2. fc1 is split by rows into three linears: gate (h outputs, activation fused in), identity (hi) and conv (cc).
+   The conv input then has its own dense `[B, H, W, cc]` buffer, which the depthwise conv reads as a channels-last
+   NCHW view without a copy.
+3. The gate product is written in place into the activated gate buffer, so there is no `cat`.
+4. fc2 and the residual add are one kernel.
+
+Steps 2 and 4 use oneDNN's fused kernels where `select_kernels` finds them, and the composed ops elsewhere.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaout.fast.kernels import Activation, KernelSet, activation_of
+from mambaout.layers import DepthwiseConvMixer, GatedCNNBlock
+
+__all__ = ["FusedGatedCNNBlock", "can_fuse"]
+
+
+def can_fuse(block: nn.Module) -> bool:
+    """True when `block` is a `GatedCNNBlock` whose token mixer is the plain depthwise conv (the MambaOut block)."""
+    return isinstance(block, GatedCNNBlock) and type(block.mixer) is DepthwiseConvMixer
+
+
+class FusedGatedCNNBlock(nn.Module):
+    """Inference-only `GatedCNNBlock` on channels-last maps `[B, H, W, C]`, built from a reference block's weights.
+
+    Args:
+        block: The reference block (its weights are copied, folded and cast; it is not kept).
+        dtype: Compute and weight dtype (float32 or bfloat16; weights are stored in it, not autocast).
+        kernels: The fused kernels to use on CPU; off-CPU inputs always take the composed ops.
+    """
+
+    def __init__(self, block: GatedCNNBlock, dtype: torch.dtype, kernels: KernelSet):
+        super().__init__()
+        if not can_fuse(block):
+            raise TypeError(f"cannot fuse {type(block).__name__} with mixer {type(block.mixer).__name__}")
+        hidden, ident, conv_ch = block.split_sizes
+        conv = block.mixer.conv
+        self.dim = block.norm.normalized_shape[0]
+        self.ident, self.conv_ch = ident, conv_ch
+        self.eps = block.norm.eps
+        self.padding = conv.padding
+        self.kernels = kernels
+        self.act: Activation | None = activation_of(block.act)
+        # an activation the fused kernel does not know is applied as the reference module
+        self.act_module = block.act if self.act is None else None
+
+        # fold in float64 so the folded weights round once, to `dtype`
+        w1, b1 = block.fc1.weight.double(), block.fc1.bias.double()
+        w1, b1 = w1 * block.norm.weight.double(), b1 + w1 @ block.norm.bias.double()
+        w2, b2 = block.fc2.weight.double(), block.fc2.bias.double()
+        if isinstance(block.ls, nn.Module) and hasattr(block.ls, "gamma"):
+            gamma = block.ls.gamma.double()
+            w2, b2 = w2 * gamma[:, None], b2 * gamma
+
+        def buffer(name: str, t: torch.Tensor) -> None:
+            self.register_buffer(name, t.detach().to(dtype).contiguous())
+
+        buffer("gate_weight", w1[:hidden])  # [h, C]
+        buffer("gate_bias", b1[:hidden])
+        buffer("ident_weight", w1[hidden : hidden + ident])  # [hi, C]
+        buffer("ident_bias", b1[hidden : hidden + ident])
+        buffer("conv_in_weight", w1[hidden + ident :])  # [cc, C]
+        buffer("conv_in_bias", b1[hidden + ident :])
+        buffer("conv_weight", conv.weight)  # [cc, 1, k, k]
+        buffer("conv_bias", conv.bias)
+        buffer("out_weight", w2)  # [C, h]
+        buffer("out_bias", b2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, H, W, C]` -> `[B, H, W, C]` (contiguous in and out)."""
+        batch, height, width, dim = x.shape
+        kernels = self.kernels if x.device.type == "cpu" else KernelSet()
+        flat = x.reshape(-1, dim)  # [N, C]
+        normed = F.layer_norm(flat, (dim,), eps=self.eps)
+
+        if self.act is not None:
+            gated = kernels.linear_act(normed, self.gate_weight, self.gate_bias, self.act)  # act(g): [N, h]
+        else:
+            gated = self.act_module(F.linear(normed, self.gate_weight, self.gate_bias))
+        # `gated` becomes act(g) * cat(i, conv(c)) in place, one half at a time
+        if self.ident:
+            gated[:, : self.ident].mul_(kernels.linear(normed, self.ident_weight, self.ident_bias))
+        conv_in = kernels.linear(normed, self.conv_in_weight, self.conv_in_bias).view(
+            batch, height, width, self.conv_ch
+        )
+        conv_in = conv_in.permute(0, 3, 1, 2)  # [B, H, W, cc] -> [B, cc, H, W], channels-last strides, no copy
+        mixed = F.conv2d(conv_in, self.conv_weight, self.conv_bias, padding=self.padding, groups=self.conv_ch)
+        gated.view(batch, height, width, -1)[..., self.ident :].mul_(mixed.permute(0, 2, 3, 1))  # -> [B, H, W, cc]
+
+        out = kernels.linear_add(gated, flat, self.out_weight, self.out_bias)  # x + fc2(...): [N, C]
+        return out.view(batch, height, width, dim)
+
+    def extra_repr(self) -> str:
+        act = self.act.onednn_attr if self.act is not None else type(self.act_module).__name__
+        return f"dim={self.dim}, ident={self.ident}, conv_ch={self.conv_ch}, act={act}, onednn={self.kernels.onednn}"

@@ -1,0 +1,131 @@
+"""The fused kernels of the fast path, each with a plain-PyTorch fallback that computes the same function.
+
+oneDNN (PyTorch's `mkldnn` ops on x86 CPUs) fuses an activation or a residual add into a linear layer, which saves
+a full pass over the activations; the reference MambaOut spends most of its CPU time in such passes. Those
+kernels exist only for some devices, dtypes and PyTorch builds (no bf16 inner product on a CPU without AVX-512 or
+AVX2-VNNI-2, none at all on GPU or ARM), so `select_kernels` probes them once per (device, dtype) on a tiny input
+and falls back to the composed ops when a probe raises or disagrees. Setting `MAMBAOUT_FAST_REFERENCE=1` forces the
+fallback everywhere (tests use it to hold both paths to the same numbers).
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["REFERENCE_ENV", "Activation", "KernelSet", "activation_of", "select_kernels"]
+
+REFERENCE_ENV = "MAMBAOUT_FAST_REFERENCE"
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An elementwise activation the fused linear kernel knows, with its exact PyTorch equivalent.
+
+    Attributes:
+        onednn_attr: oneDNN post-op name ("gelu", "swish").
+        onednn_algorithm: Post-op algorithm ("none" for exact erf GELU, "tanh" for the approximation), or None.
+    """
+
+    onednn_attr: str
+    onednn_algorithm: str | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn_attr == "swish":
+            return F.silu(x)
+        return F.gelu(x, approximate=self.onednn_algorithm or "none")
+
+
+GELU = Activation("gelu", "none")
+GELU_TANH = Activation("gelu", "tanh")
+SILU = Activation("swish")
+
+
+def activation_of(module: nn.Module) -> Activation | None:
+    """The `Activation` a module computes, or None when it is not one the fast path can fuse (then it is called)."""
+    name = type(module).__name__
+    if isinstance(module, nn.GELU):
+        return GELU if module.approximate == "none" else GELU_TANH
+    if isinstance(module, nn.SiLU) or name in ("SiLU", "Swish"):
+        return SILU
+    # timm's GELU / GELUTanh are plain modules that call F.gelu; match them by name to avoid importing timm here.
+    return {"GELU": GELU, "GELUTanh": GELU_TANH}.get(name)
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    """Whether to use oneDNN's linear kernels on one (device, dtype); the methods compute the same function either way.
+
+    oneDNN adds the bias inside the matrix multiply, where `F.linear` on CPU first copies the broadcast bias into
+    the output (a full extra pass), and it fuses the gate activation and the residual add.
+
+    Attributes:
+        onednn: Use `torch.ops.mkldnn._linear_pointwise` (plain, unary and binary-add forms).
+    """
+
+    onednn: bool = False
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """`x @ weight.T + bias` for `x` `[N, K]`, `weight` `[M, K]` -> `[N, M]`."""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return F.linear(x, weight, bias)
+
+    def linear_act(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: Activation
+    ) -> torch.Tensor:
+        """`act(x @ weight.T + bias)` for `x` `[N, K]`, `weight` `[M, K]` -> `[N, M]`."""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, act.onednn_attr, [], act.onednn_algorithm)
+        return act(F.linear(x, weight, bias))
+
+    def linear_add(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """`residual + x @ weight.T + bias` for `x` `[N, K]`, `residual` `[N, M]` -> a new `[N, M]` tensor."""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+        return F.linear(x, weight, bias).add_(residual)
+
+
+def _onednn_ops_present() -> bool:
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops, "mkldnn")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
+    )
+
+
+def _probe(dtype: torch.dtype) -> bool:
+    """True when every oneDNN kernel runs for `dtype` and agrees with the composed ops on a small odd shape."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(37, 24, generator=gen).to(dtype)
+    w = (torch.randn(40, 24, generator=gen) * 0.2).to(dtype)
+    b = torch.randn(40, generator=gen).to(dtype)
+    r = torch.randn(37, 40, generator=gen).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    fused, reference = KernelSet(onednn=True), KernelSet()
+    try:
+        with torch.inference_mode():
+            pairs = [(fused.linear(x, w, b), reference.linear(x, w, b))]
+            pairs += [(fused.linear_act(x, w, b, act), reference.linear_act(x, w, b, act)) for act in (GELU, SILU)]
+            pairs.append((fused.linear_add(x, r, w, b), reference.linear_add(x, r, w, b)))
+    except RuntimeError:  # no oneDNN primitive for this dtype on this CPU
+        return False
+    return all(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol) for got, want in pairs)
+
+
+@functools.cache
+def _cpu_kernels(dtype: torch.dtype) -> KernelSet:
+    return KernelSet(onednn=_onednn_ops_present() and _probe(dtype))
+
+
+def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelSet:
+    """The fastest `KernelSet` that works for `device` and `dtype` (all fallbacks off CPU or when forced)."""
+    if torch.device(device).type != "cpu" or os.environ.get(REFERENCE_ENV, "") not in ("", "0"):
+        return KernelSet()
+    return _cpu_kernels(dtype)

@@ -1,0 +1,201 @@
+"""`optimize_for_inference`: a reference `MambaOut` turned into a fused, micro-batched inference module.
+
+The result computes the reference function (held to it by `tests/test_fast.py`) with:
+- every MambaOut block replaced by a `FusedGatedCNNBlock` (folded norms, fused kernels, no split/cat copies);
+- weights stored in the compute dtype (bf16 weights rather than autocast, which re-casts every weight per call);
+- channels-last images into the stem, so every convolution takes oneDNN's NHWC path;
+- each stage run in its own micro-batches (each image is independent at inference): a few images at a time in the
+  first stages, so that their large activations stay in cache, many in the last, so that their GEMMs are tall.
+"""
+
+import copy
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
+from mambaout.fast.kernels import KernelSet, select_kernels
+from mambaout.models import MambaOut
+
+__all__ = ["FastMambaOut", "auto_micro_batch", "optimize_for_inference"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
+# Bytes of activations one stage's micro-batch may hold. A block keeps ~7 values of width C per pixel alive
+# (input, normed, gate/product, identity, conv in/out, output). Each stage gets its own micro-batch: the first
+# stages, with many pixels, run a few images at a time so their activations stay in cache, the last ones many
+# images at once so their small matrices grow tall enough for efficient matrix multiplies.
+MICRO_BATCH_BYTES = 32 * 2**20
+LIVE_VALUES_PER_CHANNEL = 7
+
+
+def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.dtype) -> list[int]:
+    """Images per micro-batch for each stage, so that one block's live activations fit `MICRO_BATCH_BYTES`.
+
+    Args:
+        model: The reference model (its stage widths are read).
+        image_size: Input (H, W) in pixels.
+        dtype: Compute dtype (its size scales the activations).
+
+    Returns:
+        One micro-batch size (at least 1) per stage.
+    """
+    height, width = -(-image_size[0] // 4), -(-image_size[1] // 4)  # the stem's two stride-2 convs round up
+    sizes = []
+    for i, info in enumerate(model.feature_info):
+        if i:
+            height, width = -(-height // 2), -(-width // 2)
+        per_image = height * width * info["num_chs"] * LIVE_VALUES_PER_CHANNEL * torch.finfo(dtype).bits // 8
+        sizes.append(max(1, MICRO_BATCH_BYTES // max(per_image, 1)))
+    return sizes
+
+
+def _in_chunks(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`fn` over `x` in pieces of `chunk` along the batch, concatenated (`fn` is per-image, so this is `fn(x)`)."""
+    if chunk >= x.shape[0]:
+        return fn(x)
+    return torch.cat([fn(part) for part in x.split(chunk)])
+
+
+class FastMambaOut(nn.Module):
+    """The inference-only twin of a `MambaOut`: same call signature and outputs, fused and micro-batched.
+
+    Inputs are NCHW images of any floating dtype; they are cast to the compute dtype and the outputs are cast back
+    to the input's dtype. Build it with `optimize_for_inference`.
+
+    Args:
+        model: A fused copy of the reference model (blocks already replaced), in the compute dtype, eval mode.
+        dtype: Compute dtype.
+        micro_batch: Images per micro-batch for `forward` (every stage), or None to choose one per stage from the
+            image size (`auto_micro_batch`) on CPU and to run whole batches elsewhere.
+        compile: Run `forward` through `torch.compile` with weight freezing (in micro-batches of the first stage's
+            size: the compiled graph is the whole network).
+    """
+
+    def __init__(self, model: MambaOut, dtype: torch.dtype, micro_batch: int | None = None, compile: bool = False):
+        super().__init__()
+        self.model = model
+        # compiled with weight freezing: inductor folds and pre-packs the weights and fuses the elementwise work;
+        # kept out of the module tree so that the state dict holds the weights once
+        compiled = torch.compile(model, options={"freezing": True}) if compile else model
+        object.__setattr__(self, "_run", compiled)
+        self.dtype = dtype
+        self.micro_batch = micro_batch
+        self.num_classes = model.num_classes
+        self.num_features = model.num_features
+        self.head_hidden_size = model.head_hidden_size
+        self.feature_info = model.feature_info
+        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+
+    def _images(self, x: torch.Tensor) -> torch.Tensor:
+        # NHWC memory for the stem's convs; the tensor is still indexed [B, 3, H, W]
+        return x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+
+    def _chunks(self, x: torch.Tensor) -> list[int]:
+        stages = len(self.model.stages)
+        if self.micro_batch is not None:
+            return [self.micro_batch] * stages
+        if x.device.type != "cpu":
+            return [x.shape[0]] * stages
+        return auto_micro_batch(self.model, tuple(x.shape[-2:]), self.dtype)
+
+    @torch.no_grad()
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` images -> `[B, H/32, W/32, C]` channels-last map of the last stage."""
+        return self.model.forward_features(self._images(x)).to(x.dtype)
+
+    @torch.no_grad()
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Last-stage map `[B, h, w, C]` -> logits `[B, num_classes]` (or the head's hidden features)."""
+        return self.model.forward_head(x.to(self.dtype), pre_logits=pre_logits).to(x.dtype)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, 3, H, W]` images -> logits `[B, num_classes]`, each stage run in micro-batches."""
+        chunks = self._chunks(x)
+        if self._run is not self.model:
+            return _in_chunks(self._run, self._images(x), chunks[0]).to(x.dtype)
+        model, last = self.model, len(self.model.stages) - 1
+        out = self._images(x)
+        for i, stage in enumerate(model.stages):
+
+            def step(t: torch.Tensor, i: int = i, stage: nn.Module = stage) -> torch.Tensor:
+                t = stage(model.stem(t) if i == 0 else t)
+                return model.forward_head(t) if i == last else t
+
+            out = _in_chunks(step, out, chunks[i])
+        return out.to(x.dtype)
+
+    @torch.no_grad()
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage outputs for dense heads; arguments and returns as `MambaOut.forward_intermediates`."""
+        out = self.model.forward_intermediates(
+            self._images(x), indices, norm, stop_early, output_fmt, intermediates_only
+        )
+        if intermediates_only:
+            return [f.to(x.dtype) for f in out]
+        final, feats = out
+        return final.to(x.dtype), [f.to(x.dtype) for f in feats]
+
+    @property
+    def kernels(self) -> KernelSet:
+        """The kernel set the fused blocks use on CPU (the composed ops when no block could be fused)."""
+        block = next((m for m in self.modules() if isinstance(m, FusedGatedCNNBlock)), None)
+        return block.kernels if block is not None else KernelSet()
+
+
+def optimize_for_inference(
+    model: MambaOut,
+    dtype: torch.dtype = torch.float32,
+    micro_batch: int | None = None,
+    compile: bool = False,
+) -> FastMambaOut:
+    """A fused inference module computing the same function as `model` (which is left untouched).
+
+    Build it on the device it will run on: the fused CPU kernels are probed for that device and dtype.
+
+    Args:
+        model: A reference `MambaOut` (any registered variant, any weights).
+        dtype: torch.float32, or torch.bfloat16 (weights stored in bf16; fastest on CPUs with AMX/AVX-512-BF16).
+        micro_batch: Images per micro-batch in `forward`; None picks one from the image size on CPU.
+        compile: Also `torch.compile` the forward (with weight freezing). The blocks then use the composed ops,
+            which inductor fuses itself (its freezing pass cannot take oneDNN's fused ops); the first call of each
+            input shape compiles, which takes a minute or more.
+
+    Returns:
+        A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and
+        `forward_intermediates` as the reference.
+    """
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
+    if micro_batch is not None and micro_batch < 1:
+        raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    device = next(model.parameters()).device
+    kernels = KernelSet() if compile else select_kernels(device, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not select_kernels(device, dtype).onednn:
+        warnings.warn(
+            "this CPU has no bf16 matrix kernels (oneDNN needs AVX-512-BF16, AMX or AVX2-VNNI-2): bf16 runs far "
+            "slower than fp32 here; use dtype=torch.float32",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    fast = copy.deepcopy(model).eval()
+    for stage in fast.stages:
+        blocks = getattr(stage, "blocks", None)
+        if blocks is None:
+            continue
+        for j, block in enumerate(blocks):
+            if can_fuse(block):
+                blocks[j] = FusedGatedCNNBlock(block, dtype, kernels)
+    fast = fast.to(dtype)
+    fast.requires_grad_(False)
+    return FastMambaOut(fast, dtype, micro_batch, compile).eval()

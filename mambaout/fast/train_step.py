@@ -1,0 +1,175 @@
+"""A faster training step that computes the same update: forward, backward and optimizer step on one batch.
+
+`make_train_step` returns a function the training engine can call in place of its own micro-batch loop. Its
+levers change how the step runs, never what it computes:
+
+- Cache-aware accumulation: the batch runs as micro-batches of `micro_batch` images whose activations stay in
+  cache, each loss scaled by its share of the batch, so the accumulated gradient is the whole batch's mean-loss
+  gradient (MambaOut has no batch statistics: LayerNorm only). It also caps activation memory at one micro-batch.
+- Channels-last images, so the stem's convolutions take oneDNN's NHWC path without a layout copy.
+- Mixed precision as `torch.autocast` (bf16 on CPUs with AMX / AVX-512-BF16 and on GPUs).
+- Split linears: during the step every MambaOut block runs `SplitLinearGatedCNNBlock.forward`, which applies
+  fc1 and fc2 as row/column slices of their weights, so neither the forward (`split`, `cat`) nor the backward
+  (the `cat` that is `split`'s gradient) copies the hidden activations, and the depthwise conv reads a dense
+  channels-last input. Same parameters, same function.
+- A fused optimizer where the caller builds one (`torch.optim.AdamW(..., fused=True)`; `fused_adamw` does).
+"""
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mambaout.fast.fused import can_fuse
+from mambaout.layers import GatedCNNBlock
+
+__all__ = [
+    "SplitLinearGatedCNNBlock",
+    "TrainStepConfig",
+    "auto_train_micro_batch",
+    "fused_adamw",
+    "make_train_step",
+    "split_linear_blocks",
+]
+
+# Bytes of stage-1 activations a training micro-batch may keep for the backward pass (about one L3 cache of the
+# machine class this was tuned on; more only costs memory once the matrix multiplies are large enough).
+TRAIN_MICRO_BATCH_BYTES = 96 * 2**20
+# Values of width C kept per stage-1 pixel by the reference block for backward (input, normed, fc1 output x2h/C,
+# activated gate, concatenated product, conv in/out, output).
+SAVED_VALUES_PER_CHANNEL = 16
+
+
+class SplitLinearGatedCNNBlock(GatedCNNBlock):
+    """`GatedCNNBlock` whose forward never splits or concatenates the hidden activations (for training).
+
+    `fc1(x)` split into (g, i, c) equals four linears on row slices of `fc1.weight` (g's identity and conv halves,
+    i, c), and `fc2(cat(p_i, p_c))` equals `fc2` applied as two column slices, summed. Gradients reach the same
+    `fc1`/`fc2` parameters through the slices. Blocks become this class only inside `split_linear_blocks`.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """`[B, H, W, C]` -> `[B, H, W, C]`."""
+        hidden, ident, _ = self.split_sizes
+        w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        normed = self.norm(x)
+        gate_i = self.act(F.linear(normed, w1[:ident], b1[:ident]))
+        gate_c = self.act(F.linear(normed, w1[ident:hidden], b1[ident:hidden]))
+        prod_i = gate_i * F.linear(normed, w1[hidden : hidden + ident], b1[hidden : hidden + ident])
+        prod_c = gate_c * self.mixer(F.linear(normed, w1[hidden + ident :], b1[hidden + ident :]))
+        out = F.linear(prod_i, w2[:, :ident], self.fc2.bias).flatten(0, -2)  # [N, C]
+        out = torch.addmm(out, prod_c.flatten(0, -2), w2[:, ident:].t()).view_as(x)  # + the conv half's share
+        return x + self.drop_path(self.ls(out))
+
+
+@contextlib.contextmanager
+def split_linear_blocks(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the model's MambaOut blocks run `SplitLinearGatedCNNBlock.forward` (nothing else changes).
+
+    The blocks' class is switched and switched back, so parameters, state dict and optimizer state are untouched.
+    """
+    blocks = [m for m in model.modules() if can_fuse(m) and type(m) is GatedCNNBlock]
+    for block in blocks:
+        block.__class__ = SplitLinearGatedCNNBlock
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            block.__class__ = GatedCNNBlock
+
+
+@dataclass(frozen=True)
+class TrainStepConfig:
+    """How to run a step (none of it changes what is computed, up to float rounding order).
+
+    Attributes:
+        amp_dtype: Autocast dtype: torch.bfloat16, or None for fp32 (fp16 would need a gradient scaler).
+        micro_batch: Images per micro-batch; None picks one from the image size on CPU and runs whole batches on GPU.
+        channels_last: Feed images in channels-last memory format.
+        split_linears: Run the blocks as `SplitLinearGatedCNNBlock` (no split/cat copies).
+        max_grad_norm: Clip the gradient norm to this before the step; None for no clipping.
+    """
+
+    amp_dtype: torch.dtype | None = None
+    micro_batch: int | None = None
+    channels_last: bool = True
+    split_linears: bool = True
+    max_grad_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.micro_batch is not None and self.micro_batch < 1:
+            raise ValueError(f"micro_batch must be >= 1, got {self.micro_batch}")
+        if self.amp_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"amp_dtype must be None or torch.bfloat16, got {self.amp_dtype}")
+
+
+def auto_train_micro_batch(model: nn.Module, image_size: tuple[int, int], dtype: torch.dtype) -> int:
+    """Images per training micro-batch so that one stage-1 block's saved activations fit `TRAIN_MICRO_BATCH_BYTES`."""
+    width = model.feature_info[0]["num_chs"]
+    pixels = (image_size[0] // 4) * (image_size[1] // 4)
+    per_image = pixels * width * SAVED_VALUES_PER_CHANNEL * torch.finfo(dtype).bits // 8
+    return max(1, TRAIN_MICRO_BATCH_BYTES // max(per_image, 1))
+
+
+def fused_adamw(params: Iterable, lr: float, weight_decay: float, **kwargs) -> torch.optim.AdamW:
+    """AdamW with the fused (single-kernel) implementation where this PyTorch has it for the parameters' device."""
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):  # no fused kernel for this device/dtype in this PyTorch
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
+
+
+def make_train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    config: TrainStepConfig | None = None,
+) -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """A function `step(images, targets) -> loss` doing one optimizer step on the batch.
+
+    Args:
+        model: The model in train mode (its parameters are the optimizer's).
+        optimizer: Updates the parameters; its gradients are cleared after every step.
+        loss_fn: Mean loss over the batch (e.g. `nn.CrossEntropyLoss()`); per-sample terms are what make
+            micro-batches exact.
+        config: How to run the step; default fp32, automatic micro-batches, channels-last.
+
+    Returns:
+        `step(images [B, 3, H, W], targets [B] or [B, classes]) -> the batch's mean loss as a float`.
+    """
+    config = config or TrainStepConfig()
+
+    def step(images: torch.Tensor, targets: torch.Tensor) -> float:
+        batch = images.shape[0]
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        chunk = config.micro_batch
+        if chunk is None:
+            on_cpu = images.device.type == "cpu"
+            chunk = auto_train_micro_batch(model, images.shape[-2:], images.dtype) if on_cpu else batch
+        autocast = (
+            torch.autocast(images.device.type, dtype=config.amp_dtype)
+            if config.amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        total = torch.zeros((), device=images.device)
+        blocks = split_linear_blocks(model) if config.split_linears else contextlib.nullcontext()
+        with blocks:
+            for part, part_targets in zip(images.split(chunk), targets.split(chunk), strict=True):
+                with autocast:
+                    loss = loss_fn(model(part), part_targets)
+                # weight by the micro-batch's share, so the summed gradient is the batch-mean gradient
+                share = part.shape[0] / batch
+                (loss * share).backward()
+                total += loss.detach().float() * share
+        if config.max_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total.item()
+
+    return step

@@ -1,0 +1,127 @@
+"""The fast training step computes the plain step's update: same loss, same gradients, same new weights."""
+
+import copy
+
+import pytest
+import torch
+from conftest import randomize_
+from torch import nn
+
+import mambaout
+from mambaout.fast.train_step import (
+    SplitLinearGatedCNNBlock,
+    TrainStepConfig,
+    auto_train_micro_batch,
+    fused_adamw,
+    make_train_step,
+    split_linear_blocks,
+)
+from mambaout.layers import GatedCNNBlock
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def femto(num_classes: int = 10) -> nn.Module:
+    with torch.device("meta"):
+        model = mambaout.create_model("mambaout_femto", num_classes=num_classes)
+    return randomize_(model.to_empty(device="cpu")).train()
+
+
+def plain_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+    # SGD with lr 1: the weight change is the gradient itself, so comparing weights compares gradients
+    # (Adam would divide rounding noise in near-zero gradients by their own magnitude)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    loss = nn.functional.cross_entropy(model(images), targets)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+@pytest.mark.parametrize("micro_batch", [5, 2, None])
+def test_micro_batched_step_gives_the_whole_batch_update(micro_batch):
+    torch.manual_seed(0)
+    model = femto()
+    images, targets = torch.randn(5, 3, 64, 64), torch.randint(0, 10, (5,))
+    expected_model = copy.deepcopy(model)
+    expected_loss = plain_step(expected_model, images, targets)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    step = make_train_step(model, optimizer, nn.CrossEntropyLoss(), TrainStepConfig(micro_batch=micro_batch))
+    loss = step(images, targets)
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters(), strict=True):
+        assert (p - q).abs().max().item() <= 1e-5 * max(1.0, q.abs().max().item()), name
+        assert p.grad is None  # cleared after the step
+
+
+def test_fused_adamw_matches_adamw():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(64, 32)), nn.Parameter(torch.randn(32))]
+    twins = [nn.Parameter(p.detach().clone()) for p in params]
+    fused = fused_adamw(params, lr=1e-3, weight_decay=0.05)
+    plain = torch.optim.AdamW(twins, lr=1e-3, weight_decay=0.05, foreach=False)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, q, g in zip(params, twins, grads, strict=True):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        plain.step()
+    for p, q in zip(params, twins, strict=True):
+        assert (p - q).abs().max().item() <= 1e-6
+
+
+def test_bf16_autocast_step_runs_and_stays_close():
+    torch.manual_seed(0)
+    model = femto()
+    images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+    reference = plain_step(copy.deepcopy(model), images, targets)
+    step = make_train_step(
+        model,
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        nn.CrossEntropyLoss(),
+        TrainStepConfig(amp_dtype=torch.bfloat16, micro_batch=2),
+    )
+    loss = step(images, targets)
+    assert abs(loss - reference) <= 0.05 * abs(reference)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_auto_micro_batch_and_config_checks():
+    model = femto()
+    assert auto_train_micro_batch(model, (224, 224), torch.float32) >= 1
+    assert auto_train_micro_batch(model, (64, 64), torch.float32) > auto_train_micro_batch(
+        model, (224, 224), torch.float32
+    )
+    with pytest.raises(ValueError, match="micro_batch"):
+        TrainStepConfig(micro_batch=0)
+    with pytest.raises(ValueError, match="amp_dtype"):
+        TrainStepConfig(amp_dtype=torch.float16)
+
+
+def test_split_linear_blocks_compute_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    model = femto()
+    twin = copy.deepcopy(model)
+    images = torch.randn(2, 3, 64, 64)
+    model(images).square().sum().backward()
+    with split_linear_blocks(twin) as split:
+        assert type(split.stages[0].blocks[0]) is SplitLinearGatedCNNBlock
+        out = twin(images)
+        out.square().sum().backward()
+    assert type(twin.stages[0].blocks[0]) is GatedCNNBlock  # switched back
+    assert list(twin.state_dict()) == list(model.state_dict())
+    for (name, p), q in zip(model.named_parameters(), twin.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-5 * max(1.0, p.grad.abs().max().item()), name
+
+
+def test_split_linear_blocks_switch_back_on_errors():
+    model = femto()
+    with pytest.raises(RuntimeError), split_linear_blocks(model):
+        model(torch.randn(1, 5, 64, 64))  # wrong channel count
+    assert all(type(b) is GatedCNNBlock for s in model.stages for b in s.blocks)

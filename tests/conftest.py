@@ -10,6 +10,15 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP's spinning threads make 2 threads up to 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(model: nn.Module) -> nn.Module:
     """Give every parameter a random value (norm affines and LayerScales included), so a wrong mapping shows."""
     with torch.no_grad():

@@ -14,12 +14,7 @@ from mambaout.errors import UserError
 COLUMNS = "| path | params (M) | GMACs/img | img/s | p50 (ms) | p90 (ms) | peak mem (MiB) | × baseline |"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_measure_interleaves_and_counts():

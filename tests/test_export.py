@@ -14,12 +14,7 @@ from mambaout.weights import convert_state_dict, save_state_dict
 SUFFIX = {"onnx": ".onnx", "torchscript": ".ts", "exported-program": ".pt2"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,7 @@ from mambaout.fast.train_step import (
 )
 from mambaout.layers import GatedCNNBlock
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def femto(num_classes: int = 10) -> nn.Module:

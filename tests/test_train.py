@@ -124,6 +124,32 @@ def test_num_classes_must_match_the_folders(tree, tmp_path, capsys):
     assert "error: --num-classes 5 does not match the 3 class folders" in capsys.readouterr().err
 
 
+def test_micro_batches_and_split_linears_give_the_plain_update(tree, tmp_path):
+    # 8 images per batch run as pieces of 3, 3 and 2 through split-linear blocks: the same SGD update as one pass
+    common = {"opt": "sgd", "lr": "0.05", "weight_decay": "0", "smoothing": "0", "epochs": "1", "batch_size": 8}
+    assert _train(tree, tmp_path / "plain", micro_batch=8, split_linears="off", **common) == 0
+    assert _train(tree, tmp_path / "fast", micro_batch=3, split_linears="on", **common) == 0
+    plain, fast = _weights(tmp_path / "plain" / "last.pth"), _weights(tmp_path / "fast" / "last.pth")
+    for name in plain:
+        torch.testing.assert_close(fast[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+    plain_log = json.loads((tmp_path / "plain" / "metrics.jsonl").read_text())
+    fast_log = json.loads((tmp_path / "fast" / "metrics.jsonl").read_text())
+    assert fast_log["train_loss"] == pytest.approx(plain_log["train_loss"], rel=1e-5)
+
+
+def test_the_fused_optimizer_gives_adamws_update_and_falls_back(tree, tmp_path):
+    assert _train(tree, tmp_path / "fused", epochs=1) == 0
+    assert _train(tree, tmp_path / "plain", epochs=1, fused_optimizer="false") == 0
+    fused, plain = read_checkpoint(tmp_path / "fused" / "last.pth"), read_checkpoint(tmp_path / "plain" / "last.pth")
+    assert fused["optimizer"]["param_groups"][0]["fused"] is True
+    assert not plain["optimizer"]["param_groups"][0]["fused"]
+    for name in plain["model"]:
+        torch.testing.assert_close(fused["model"][name], plain["model"][name], rtol=1e-4, atol=1e-5, msg=name)
+    # timm's LAMB has no fused step: the run uses the plain one
+    assert _train(tree, tmp_path / "lamb", epochs=1, opt="lamb") == 0
+    assert "fused" not in read_checkpoint(tmp_path / "lamb" / "last.pth")["optimizer"]["param_groups"][0]
+
+
 def test_bf16_channels_last_clipping_and_checkpointing_train(tree, tmp_path):
     options = {"amp": "bf16", "channels_last": "true", "clip_grad": "1.0", "grad_checkpointing": "true", "epochs": "1"}
     assert _train(tree, tmp_path / "run", **options) == 0

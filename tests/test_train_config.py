@@ -89,6 +89,8 @@ def test_every_field_is_a_flag_and_only_given_flags_override():
         ({"batch_size": "5"}, "--batch-size must be even when mixup/cutmix is on"),
         ({"scale": ["0.9", "0.1"]}, "--scale must be 0 < min <= max <= 1"),
         ({"warmup_epochs": "400"}, "--warmup-epochs must be within 0..--epochs"),
+        ({"micro_batch": "0"}, "--micro-batch must be >= 1 (got 0)"),
+        ({"split_linears": "maybe"}, "--split-linears must be one of auto, on, off"),
         ({"ema": "maybe"}, "--ema expects true or false"),
         ({"model_kwargs": "[1, 2]"}, "--model-kwargs expects a YAML mapping"),
     ],

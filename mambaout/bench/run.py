@@ -86,6 +86,8 @@ class BenchSettings:
         args += [f"--{f}" for f in ("compile", "train", "onnx", "levers") if getattr(self, f)]
         if self.iters != 1:
             args += ["--iters", str(self.iters)]
+        if self.warmup != 1:
+            args += ["--warmup", str(self.warmup)]
         if self.device != "cpu":
             args += ["--device", self.device]
         if self.threads is not None:
@@ -95,13 +97,18 @@ class BenchSettings:
         return shlex.join(args)
 
 
-def matmul_peak_gflops(dtype: torch.dtype, device: str = "cpu", max_n: int = 2048, budget_s: float = 0.25) -> float:
+def matmul_peak_gflops(
+    dtype: torch.dtype, device: str = "cpu", max_n: int | None = None, budget_s: float = 0.25
+) -> float:
     """The machine's matmul peak as PyTorch reaches it: best GFLOP/s of square n×n×n multiplies.
 
-    n doubles from 256 up to `max_n` while one multiply takes under `budget_s` (a dtype without hardware support,
-    such as bf16 on an AVX2-only CPU, runs orders of magnitude slower and stops early); best of the last 2 of 3
-    calls at each size (4 at the first, which warms up).
+    n doubles from 256 up to `max_n` (default 2048 on CPU, 8192 on a GPU, which needs larger matrices to fill)
+    while one multiply takes under `budget_s` (a dtype without hardware support, such as bf16 on an AVX2-only CPU,
+    runs orders of magnitude slower and stops early); best of the last 2 of 3 calls at each size (4 at the first,
+    which warms up).
     """
+    if max_n is None:
+        max_n = 8192 if device.startswith("cuda") else 2048
     best, n = 0.0, 256
     while n <= max_n:
         a = torch.randn(n, n, device=device).to(dtype)
@@ -155,7 +162,7 @@ def run_benchmark(settings: BenchSettings) -> str:
             exported.parent.rmdir()
     peak = max(peak, matmul_peak_gflops(dtype, settings.device))
     flops = 2 * macs * (3 if settings.train else 1)  # a training step is ~3x the forward's FLOPs
-    notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, n ≤ 2048, before and after): {peak:.1f} GFLOP/s"]
+    notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, before and after): {peak:.1f} GFLOP/s"]
     for path, r in zip(paths, results, strict=True):
         achieved = r.images_per_s(settings.batch_size) * flops / 1e9
         what = f" ({path.note})" if path.note else ""

@@ -111,6 +111,17 @@ class TrainConfig:
     compile: bool = _f(False, "torch.compile the model")
     channels_last: bool = _f(True, "channels-last memory format for images and model")
     grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
+    micro_batch: int | None = _f(
+        None,
+        "images per forward/backward pass within each batch (same gradients, activations that fit in cache); "
+        "default: cache-sized on the CPU, the whole batch on a GPU",
+    )
+    split_linears: str = _f(
+        "auto",
+        "run the blocks' linears as weight slices while training (no split/cat copies, same result): "
+        "auto (on the CPU without --compile), on, off",
+    )
+    fused_optimizer: bool = _f(True, "use the optimizer's fused single-kernel step where PyTorch has one")
     seed: int = _f(0, "random seed (each process adds its rank)")
     deterministic: bool = _f(False, "use deterministic algorithms only (slower)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N (distributed runs use cuda:<local rank>)")
@@ -154,6 +165,8 @@ class TrainConfig:
         _check(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "must be 0 < min <= max <= 1", self.scale)
         _check(0 < self.ratio[0] <= self.ratio[1], "ratio", "must be 0 < min <= max", self.ratio)
         _check(self.input_size is None or self.input_size >= 16, "input_size", "must be >= 16", self.input_size)
+        _check(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1", self.micro_batch)
+        _choice(self.split_linears, "split_linears", ("auto", "on", "off"))
         _choice(self.amp, "amp", AMP_MODES)
         _choice(self.sched, "sched", SCHEDULES)
         _check(self.opt.lower() in list_optimizers(), "opt", "must be a timm optimizer name, e.g. adamw, sgd", self.opt)

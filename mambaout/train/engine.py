@@ -2,6 +2,11 @@
 
 One optimizer step is `accum_steps` micro-batches; under DistributedDataParallel all but the last run in `no_sync`,
 so gradients are all-reduced once per step. Mixed precision is `torch.autocast` (bf16, or fp16 with a GradScaler).
+
+The faster training step of `mambaout.fast.train_step` is built in, changing how a step runs but not what it
+computes: each loaded batch runs forward and backward in cache-sized pieces (`TrainParts.micro_batch`, each loss
+weighted by its share, so the gradient is the whole batch's), and the blocks can run as split linears (no
+split/cat copies of the hidden activations).
 """
 
 import math
@@ -18,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mambaout.errors import UserError
+from mambaout.fast.train_step import split_linear_blocks
 from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
 
@@ -55,6 +61,8 @@ class TrainParts:
         accum_steps: Micro-batches per optimizer step.
         clip_grad: Max gradient norm, or None.
         channels_last: Feed images in channels-last memory format.
+        micro_batch: Images per forward/backward pass within a loaded batch, or None for the whole batch.
+        split_linears: Run the MambaOut blocks as split linears during the step (`split_linear_blocks`).
         step: Optimizer steps taken so far over the run.
     """
 
@@ -71,6 +79,8 @@ class TrainParts:
     accum_steps: int = 1
     clip_grad: float | None = None
     channels_last: bool = False
+    micro_batch: int | None = None
+    split_linears: bool = False
     step: int = 0
 
 
@@ -152,26 +162,15 @@ def train_one_epoch(
     batches = iter(loader)
     start, samples_before = time.perf_counter(), progress.samples
     while progress.updates < num_updates:
-        for micro in range(parts.accum_steps):
-            images, targets = _to_device(*next(batches), env, parts.channels_last)
-            if parts.mixup is not None:
-                images, targets = parts.mixup(images, targets)
-            # gradients are all-reduced only on the last micro-batch of a step
-            syncing = micro == parts.accum_steps - 1 or not isinstance(model, DistributedDataParallel)
-            with nullcontext() if syncing else model.no_sync():
-                with _autocast(env.device, parts.amp_dtype):
-                    loss = parts.criterion(model(images), targets)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise NonFiniteLoss(
-                        f"loss is {value} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
-                        f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
-                        "good state: resume from it with a lower --lr, --clip-grad or --amp none"
-                    )
-                scaled = loss / parts.accum_steps
-                (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
-            progress.loss_sum += value * len(images)
-            progress.samples += len(images)
+        with split_linear_blocks(parts.module) if parts.split_linears else nullcontext():
+            for micro in range(parts.accum_steps):
+                images, targets = _to_device(*next(batches), env, parts.channels_last)
+                if parts.mixup is not None:
+                    images, targets = parts.mixup(images, targets)
+                last_micro = micro == parts.accum_steps - 1
+                loss_sum = _forward_backward(parts, images, targets, last_micro, epoch, progress, num_updates)
+                progress.loss_sum += loss_sum
+                progress.samples += len(images)
         _optimizer_step(parts)
         progress.updates += 1
         elapsed = time.perf_counter() - start
@@ -184,6 +183,43 @@ def train_one_epoch(
             return True
     progress.seconds += time.perf_counter() - start
     return False
+
+
+def _forward_backward(
+    parts: TrainParts,
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    last_micro: bool,
+    epoch: int,
+    progress: EpochProgress,
+    num_updates: int,
+) -> float:
+    """Forward and backward of one loaded batch in pieces of `parts.micro_batch`; returns the batch's loss sum.
+
+    Each piece's mean loss is weighted by its share of the batch and by 1 / `accum_steps`, so the accumulated
+    gradient is the step's mean-loss gradient whatever the piece size (MambaOut has no batch statistics).
+    """
+    model = parts.model
+    chunk = parts.micro_batch or len(images)
+    pieces = list(zip(images.split(chunk), targets.split(chunk), strict=True))
+    total = 0.0
+    for k, (part, part_targets) in enumerate(pieces):
+        # gradients are all-reduced only in the last backward pass of an optimizer step
+        syncing = (last_micro and k == len(pieces) - 1) or not isinstance(model, DistributedDataParallel)
+        with nullcontext() if syncing else model.no_sync():
+            with _autocast(parts.env.device, parts.amp_dtype):
+                loss = parts.criterion(model(part), part_targets)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise NonFiniteLoss(
+                    f"loss is {value} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
+                    f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
+                    "good state: resume from it with a lower --lr, --clip-grad or --amp none"
+                )
+            scaled = loss * (len(part) / len(images) / parts.accum_steps)
+            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
+        total += value * len(part)
+    return total
 
 
 def _optimizer_step(parts: TrainParts) -> None:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from mambaout.data import ResumableSampler, RobustImageFolder, ShardSampler, digits_tree
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 from mambaout.errors import UserError
+from mambaout.fast.train_step import auto_train_micro_batch
 from mambaout.models import create_model
 from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import CONFIG_DIR, TrainConfig, build_config, load_config_file
@@ -311,7 +312,7 @@ class _Trainer:
             generator=torch.Generator().manual_seed(config.seed),
             worker_init_fn=_ignore_sigint,
         )
-        optimizer = create_optimizer_v2(self.module, **optimizer_kwargs(config))
+        optimizer = _create_optimizer(self.module, config)
         scheduler, _ = create_scheduler_v2(
             optimizer,
             sched=config.sched,
@@ -350,7 +351,18 @@ class _Trainer:
             accum_steps=config.accum_steps,
             clip_grad=config.clip_grad,
             channels_last=config.channels_last,
+            micro_batch=self._micro_batch(),
+            split_linears=config.split_linears == "on"
+            or (config.split_linears == "auto" and env.device.type == "cpu" and not config.compile),
         )
+
+    def _micro_batch(self) -> int | None:
+        """Images per forward/backward pass: the config's, else cache-sized on the CPU and the whole batch on a GPU."""
+        config = self.config
+        if config.micro_batch is not None or self.env.device.type != "cpu":
+            return config.micro_batch
+        size = (config.input_size, config.input_size)
+        return auto_train_micro_batch(self.module, size, self.amp_dtype or torch.float32)
 
     def _restore(self, checkpoint: dict[str, Any] | None) -> None:
         self.start_epoch, self.best_top1, self.elapsed_before = 0, float("-inf"), 0.0
@@ -560,3 +572,17 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
 
 def _warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """timm's optimizer for the config, with PyTorch's fused step when asked for and this optimizer and device have it.
+
+    The fused step computes the same update in one kernel per parameter group (AdamW on the CPU: ~3× faster).
+    """
+    kwargs = optimizer_kwargs(config)
+    if config.fused_optimizer:
+        try:
+            return create_optimizer_v2(model, **kwargs, fused=True)
+        except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or no fused kernel for this device
+            pass
+    return create_optimizer_v2(model, **kwargs)

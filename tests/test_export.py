@@ -38,6 +38,19 @@ def test_export_verifies_and_runs_at_new_sizes(femto, fmt, tmp_path):
         assert (exported(x) - femto(x)).abs().max().item() <= 1e-4
 
 
+def test_the_fused_graph_is_written_unless_the_reference_is_asked_for(femto, tmp_path):
+    import onnx
+
+    ops = {}
+    for fused in (True, False):
+        out = tmp_path / f"{fused}.onnx"
+        assert export_model(femto, "onnx", out, img_size=(64, 64), fused=fused).max_abs_diff <= 1e-4
+        ops[fused] = {node.op_type for node in onnx.load(str(out)).graph.node}
+    # the fused blocks never split or concatenate activations; the reference blocks do, once each
+    assert not ops[True] & {"Split", "Concat", "Slice"}
+    assert {"Split", "Concat"} <= ops[False]
+
+
 def test_onnx_dynamo_exporter(tmp_path):
     torch.manual_seed(0)
     tiny = randomize_(MambaOut(depths=(1, 1), dims=(16, 32), num_classes=7)).eval()
@@ -84,6 +97,10 @@ def test_cli_export_with_a_timm_checkpoint(tmp_path, capsys):
     with torch.inference_mode():
         logits = load_exported(out, "onnx")(x)
         assert logits.shape == (2, 5) and (logits - model(x)).abs().max().item() <= 1e-4
+    reference = tmp_path / "reference.onnx"
+    assert main([*argv, "--output", str(reference), "--img-size", "64", "--reference-graph"]) == 0
+    with torch.inference_mode():
+        assert (load_exported(reference, "onnx")(x) - logits).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=float, default=1e-4, help="largest max |difference| accepted (1e-4)")
     parser.add_argument("--onnx-dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     parser.add_argument("--no-verify", action="store_true", help="skip running the written file")
+    parser.add_argument(
+        "--reference-graph",
+        action="store_true",
+        help="write the reference graph instead of the fused inference graph (same function, slower to run)",
+    )
 
 
 def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> nn.Module:
@@ -49,7 +54,14 @@ def run(args: argparse.Namespace) -> int:
     size = (args.img_size[0], args.img_size[-1])
     model = build_model(args.model, args.checkpoint, args.num_classes)
     report = export_model(
-        model, args.format, args.output, size, verify=not args.no_verify, atol=args.atol, onnx_dynamo=args.onnx_dynamo
+        model,
+        args.format,
+        args.output,
+        size,
+        verify=not args.no_verify,
+        atol=args.atol,
+        onnx_dynamo=args.onnx_dynamo,
+        fused=not args.reference_graph,
     )
     print(f"wrote {report.path} ({args.format}; dynamic: {', '.join(report.dynamic)})")
     for shape, diff in report.checks:

@@ -78,10 +78,12 @@ class FusedGatedCNNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, H, W, C]` -> `[B, H, W, C]` (contiguous in and out)."""
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            return self._forward_out_of_place(x)
         batch, height, width, dim = x.shape
         kernels = self.kernels if x.device.type == "cpu" else KernelSet()
-        flat = x.reshape(-1, dim)  # [N, C]
-        normed = F.layer_norm(flat, (dim,), eps=self.eps)
+        flat = x.reshape(-1, self.dim)  # [N, C]
+        normed = F.layer_norm(flat, (self.dim,), eps=self.eps)
 
         if self.act is not None:
             gated = kernels.linear_act(normed, self.gate_weight, self.gate_bias, self.act)  # act(g): [N, h]
@@ -99,6 +101,23 @@ class FusedGatedCNNBlock(nn.Module):
 
         out = kernels.linear_add(gated, flat, self.out_weight, self.out_bias)  # x + fc2(...): [N, C]
         return out.view(batch, height, width, dim)
+
+    def _forward_out_of_place(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function without in-place writes (which tracing exporters cannot follow into views): each half
+        of the gate product goes through its own column slice of fc2, so there is still no `cat`."""
+        ident, gate_weight, gate_bias = self.ident, self.gate_weight, self.gate_bias
+        normed = F.layer_norm(x, (self.dim,), eps=self.eps)
+        act = self.act_module if self.act is None else self.act
+        conv_in = F.linear(normed, self.conv_in_weight, self.conv_in_bias).permute(0, 3, 1, 2)
+        mixed = F.conv2d(conv_in, self.conv_weight, self.conv_bias, padding=self.padding, groups=self.conv_ch)
+        gate_c = act(F.linear(normed, gate_weight[ident:], gate_bias[ident:]))
+        out = F.linear(gate_c * mixed.permute(0, 2, 3, 1), self.out_weight[:, ident:], self.out_bias)
+        if ident:
+            gate_i = act(F.linear(normed, gate_weight[:ident], gate_bias[:ident]))
+            out = out + F.linear(
+                gate_i * F.linear(normed, self.ident_weight, self.ident_bias), self.out_weight[:, :ident]
+            )
+        return x + out
 
     def extra_repr(self) -> str:
         act = self.act.onednn_attr if self.act is not None else type(self.act_module).__name__

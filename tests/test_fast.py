@@ -5,6 +5,7 @@ so a wrong fold or layout shows. Each variant is built once (meta device, no slo
 """
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from mambaout.fast import (
     optimize_for_inference,
     select_kernels,
 )
+from mambaout.fast.kernels import ONEDNN_MIN_ROWS
 from mambaout.layers import DepthwiseConvMixer, GatedCNNBlock
 from mambaout.models import MambaOut
 
@@ -48,7 +50,16 @@ def built(request) -> Built:
     with torch.device("meta"):
         ref = mambaout.create_model(request.param)
     ref = randomize_(ref.to_empty(device="cpu")).eval()
-    return Built(request.param, ref, optimize_for_inference(ref))
+    return Built(request.param, ref, onednn_everywhere(optimize_for_inference(ref)))
+
+
+def onednn_everywhere(fast: FastMambaOut) -> FastMambaOut:
+    """`fast` with its oneDNN kernels used on inputs of any height (by default only on tall ones), so that the
+    small test images exercise them."""
+    for block in fast.modules():
+        if isinstance(block, FusedGatedCNNBlock):
+            block.kernels = dataclasses.replace(block.kernels, min_rows=0)
+    return fast
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -101,6 +112,18 @@ def test_fallback_kernels_give_the_same_results(built, monkeypatch):
     with torch.inference_mode():
         assert max_diff(plain(images), built.fast(images)) <= 1e-5
         assert max_diff(plain(images), built.ref(images)) <= ATOL
+
+
+@pytest.mark.parametrize("built", ALL[:1], indirect=True)
+def test_onednn_kernels_serve_tall_inputs_and_composed_ops_short_ones(built):
+    default = optimize_for_inference(built.ref)
+    if not default.kernels.onednn:
+        pytest.skip("no oneDNN kernels on this machine")  # the composed ops are what every other test then checks
+    assert default.kernels._onednn_for(torch.empty(ONEDNN_MIN_ROWS, 8))
+    assert not default.kernels._onednn_for(torch.empty(ONEDNN_MIN_ROWS - 1, 8))
+    images = torch.randn(1, 3, 384, 352)  # stage 1 has 96 x 88 = 8448 pixels: oneDNN there, composed ops later
+    with torch.inference_mode():
+        assert max_diff(default(images), built.ref(images)) <= ATOL
 
 
 @pytest.mark.parametrize("built", ALL[:1], indirect=True)

@@ -1,13 +1,14 @@
 """The paths a benchmark compares: timm's `mambaout_*` with the same weights (the baseline), and ours.
 
 Inference: timm eager (bf16: under autocast, the usual way to run it in bf16), our fused path
-(`optimize_for_inference`), both `torch.compile`d with `--compile`, and ONNX Runtime on our exported model with
-`--onnx`; `--levers` times our fp32 levers one at a time instead. Training: one whole step (forward, backward,
-AdamW) of timm's model against `mambaout.fast.train_step`.
+(`optimize_for_inference`), both `torch.compile`d with `--compile`, and ONNX Runtime on our exported model (fused
+and reference graphs) with `--onnx`; `--levers` times our fp32 levers one at a time instead. Training: one whole
+step (forward, backward, AdamW) of timm's model against `mambaout.fast.train_step`.
 """
 
 import contextlib
 import copy
+import functools
 import os
 import tempfile
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from mambaout.fast.train_step import TrainStepConfig, fused_adamw, make_train_st
 from mambaout.models import MambaOut
 from mambaout.weights import convert_state_dict
 
-__all__ = ["inference_paths", "lever_paths", "onnx_path", "timm_twin", "train_paths"]
+__all__ = ["inference_paths", "lever_paths", "onnx_paths", "timm_twin", "train_paths"]
 
 
 def timm_twin(model: MambaOut, name: str) -> nn.Module:
@@ -114,20 +115,27 @@ def _reference_kernels():
             os.environ[REFERENCE_ENV] = previous
 
 
-def onnx_path(model: MambaOut, x: torch.Tensor, threads: int) -> tuple[BenchPath, Path]:
-    """ONNX Runtime on our model exported to a temporary file (fp32, CPU); returns the path and the file."""
+def onnx_paths(model: MambaOut, x: torch.Tensor, threads: int) -> tuple[list[BenchPath], Path]:
+    """ONNX Runtime (fp32, CPU) on our model exported to a temporary folder twice: the fused inference graph that
+    `mambaout export` writes by default, and the reference graph (`--reference-graph`). Returns the paths and the
+    folder (the caller removes it)."""
     import onnxruntime as ort
 
     from mambaout.export import export_model
 
-    out = Path(tempfile.mkdtemp(prefix="mambaout-bench-")) / "model.onnx"
-    export_model(model, "onnx", out, img_size=tuple(x.shape[-2:]), verify=True)
+    folder = Path(tempfile.mkdtemp(prefix="mambaout-bench-"))
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
-    feed = {session.get_inputs()[0].name: x.cpu().numpy()}
-    run = lambda: session.run(None, feed)  # noqa: E731
-    return BenchPath("onnxruntime", run, note="our exported ONNX; its memory arena is kept between calls"), out
+    paths = []
+    for fused, name in ((True, "onnxruntime"), (False, "onnxruntime, reference graph")):
+        out = folder / f"model-{'fused' if fused else 'reference'}.onnx"
+        export_model(model, "onnx", out, img_size=tuple(x.shape[-2:]), verify=True, fused=fused)
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        feed = {session.get_inputs()[0].name: x.cpu().numpy()}
+        run = functools.partial(session.run, None, feed)
+        note = "`mambaout export` graph" if fused else "`mambaout export --reference-graph`"
+        paths.append(BenchPath(name, run, note=f"{note}; ONNX Runtime keeps its memory arena between calls"))
+    return paths, folder
 
 
 def train_paths(

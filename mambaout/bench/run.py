@@ -2,13 +2,14 @@
 
 import os
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
 from mambaout.bench.harness import machine_summary, markdown_table, measure, peak_memory_mib
-from mambaout.bench.paths import inference_paths, lever_paths, onnx_path, train_paths
+from mambaout.bench.paths import inference_paths, lever_paths, onnx_paths, train_paths
 from mambaout.errors import UserError
 from mambaout.models import create_model, get_spec, model_complexity
 
@@ -148,8 +149,8 @@ def run_benchmark(settings: BenchSettings) -> str:
     else:
         paths = inference_paths(model, settings.model, x, dtype, settings.compile, settings.micro_batch)
         if settings.onnx:
-            path, exported = onnx_path(model, x, torch.get_num_threads())
-            paths.append(path)
+            ort_paths, exported = onnx_paths(model, x, torch.get_num_threads())
+            paths += ort_paths
     # the peak is measured before and after the paths, and the better kept: load from other processes only lowers it
     peak = matmul_peak_gflops(dtype, settings.device)
     try:
@@ -158,8 +159,7 @@ def run_benchmark(settings: BenchSettings) -> str:
             result.peak_mib = peak_memory_mib(path.run, settings.device)
     finally:
         if exported is not None:
-            exported.unlink(missing_ok=True)
-            exported.parent.rmdir()
+            shutil.rmtree(exported, ignore_errors=True)
     peak = max(peak, matmul_peak_gflops(dtype, settings.device))
     flops = 2 * macs * (3 if settings.train else 1)  # a training step is ~3x the forward's FLOPs
     notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, before and after): {peak:.1f} GFLOP/s"]

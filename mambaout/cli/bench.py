@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES), help="fp32, or bf16 (timm under autocast)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd timm and ours")
     parser.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
-    parser.add_argument("--onnx", action="store_true", help="add ONNX Runtime on our exported model (fp32)")
+    parser.add_argument(
+        "--onnx", action="store_true", help="add ONNX Runtime on our exported model, fused and reference graphs (fp32)"
+    )
     parser.add_argument("--levers", action="store_true", help="time our fp32 inference levers one at a time")
     parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"interleaved rounds ({d.repeats})")
     parser.add_argument("--iters", type=int, default=d.iters, metavar="N", help="timed calls per path per round (1)")

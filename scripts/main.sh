@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: sets up .venv/ if needed, then runs it. Extra arguments go to the command.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-# Train MambaOut-Femto on scikit-learn's bundled digits (configs/digits_cpu.yaml, CPU), evaluate the best checkpoint
+# Train MambaOut-Femto on scikit-learn's bundled digits (mambaout/configs/digits_cpu.yaml, CPU), evaluate the best checkpoint
 # on the held-out split, and classify one held-out scan of each digit.
 RUN="runs/digits-$(date +%Y%m%d-%H%M%S)"
 mambaout train --output "$RUN" "$@"

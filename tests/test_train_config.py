@@ -3,11 +3,13 @@
 import argparse
 import dataclasses
 import io
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+import mambaout
 from mambaout.errors import UserError
 from mambaout.train.config import (
     CONFIG_DIR,
@@ -42,6 +44,10 @@ def test_every_recipe_file_loads():
     assert names == ["base_in1k", "digits_cpu", "femto_in1k", "kobe_in1k", "small_in1k", "tiny_in1k"]
     for name in names:
         build_config(None, load_config_file(name))
+    # the recipes are package data, so a wheel install has them too (pyproject's package-data ships the folder)
+    assert CONFIG_DIR.parent == Path(mambaout.__file__).parent
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    assert '[tool.setuptools.package-data]\nmambaout = ["configs/*.yaml"]' in pyproject
 
 
 def test_lr_follows_the_global_batch_unless_set():

@@ -1,6 +1,6 @@
 """Train or fine-tune a MambaOut classifier on an ImageFolder tree (with no --data: the bundled digits, on the CPU).
 
-The recipe comes from --config (default: configs/digits_cpu.yaml without --data, else configs/<variant>_in1k.yaml);
+The recipe comes from --config (default: digits_cpu without --data, else <variant>_in1k, from mambaout/configs/);
 every setting below overrides it. The run folder gets config.yaml (resolved), metrics.jsonl (one line per epoch),
 last.pth (resumable) and best.pth (best val top-1).
 
@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.usage = (
         "mambaout train [--config RECIPE] [--resume auto|PATH] [--data DIR] [--output RUN_DIR] [--SETTING ...]"
     )
-    parser.add_argument("--config", help="recipe YAML: a path or a name in configs/ (femto_in1k, digits_cpu, ...)")
+    parser.add_argument(
+        "--config", help="recipe YAML: a path or a name in mambaout/configs/ (femto_in1k, digits_cpu, ...)"
+    )
     parser.add_argument(
         "--resume",
         metavar="auto|PATH",

@@ -2,7 +2,7 @@
 
 Every field is a YAML key and a flag of `mambaout train` (`warmup_epochs` <-> `--warmup-epochs`). Values are coerced
 and checked in `__post_init__`; a bad one raises `UserError` naming its flag. The defaults are the paper's ImageNet
-recipe for MambaOut-Femto; `configs/<variant>_in1k.yaml` spell it out per variant.
+recipe for MambaOut-Femto; `mambaout/configs/<variant>_in1k.yaml` spell it out per variant.
 
 Learning rate: `base_lr` is per 1024 images of *global* batch (per-device batch × processes × accumulation steps),
 so `lr = base_lr × global_batch / 1024` (the paper: 1e-3 per 1024, i.e. 4e-3 at 4096). Setting `lr` instead fixes
@@ -33,7 +33,7 @@ __all__ = [
     "load_config_file",
 ]
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: installed with the code
 _LR_BATCH = 1024
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 SCHEDULES = ("cosine", "tanh", "poly")
@@ -275,7 +275,7 @@ def _check_keys(keys: Any, source: str) -> None:
 
 
 def load_config_file(name_or_path: str) -> dict[str, Any]:
-    """Read a YAML recipe: a path, or the name of one in `configs/` (`femto_in1k`, `digits_cpu`).
+    """Read a YAML recipe: a path, or the name of one in `mambaout/configs/` (`femto_in1k`, `digits_cpu`).
 
     Raises:
         UserError: the file is missing, is not a YAML mapping, or has a key that is not a config field.

@@ -12,25 +12,17 @@ Usage: python scripts/gpu_check.py [--models mambaout_femto mambaout_tiny] [--co
 import argparse
 import copy
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
+# the tests' helper that gives every parameter a random value (norm affines and LayerScales too)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import randomize_
+
 from mambaout import create_model, optimize_for_inference
 from mambaout.fast.train_step import TrainStepConfig, make_train_step
-
-
-def randomize_(model: nn.Module) -> nn.Module:
-    """Random values for every parameter (norm affines and LayerScales too), so a wrong fold shows."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.normal_(0, 0.02)
-            elif name.endswith("gamma"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.uniform_(-0.1, 0.1) if name.endswith("bias") else p.uniform_(0.8, 1.2)
-    return model
 
 
 def check(name: str, value: float, limit: float, higher_is_better: bool = False) -> bool:

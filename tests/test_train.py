@@ -49,6 +49,7 @@ def test_a_run_learns_and_writes_its_records(tree, tmp_path, capsys):
     assert "global batch 4 = 4 per process" in saved and "lr: 0.003" in saved
     out = capsys.readouterr().out
     assert "epoch 4/4" in out and "best val top-1 100.00%" in out
+    assert "step: fused adamw update, forward/backward in pieces of 4 images, split linears on" in out
 
 
 def test_gradient_accumulation_equals_the_big_batch(tree, tmp_path):

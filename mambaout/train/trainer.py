@@ -544,13 +544,18 @@ class _Trainer:
         config, env = self.config, self.env
         params = sum(p.numel() for p in self.module.parameters())
         global_batch = config.global_batch(env.world_size)
+        parts = self.parts
+        fused = any(group.get("fused") for group in parts.optimizer.param_groups)
         return (
             f"run {self.run.path}: {config.model} ({params / 1e6:.2f}M params), {len(self.class_names)} classes, "
             f"{len(self.train_set)} train / {len(self.val_set)} val images from {self.data_root}\n"
             f"global batch {global_batch} = {config.batch_size} per process × {env.world_size} process(es) × "
             f"{config.accum_steps} accumulation step(s); lr {config.lr:g} {self.lr_rule}\n"
             f"{self.updates_per_epoch} steps per epoch, {config.epochs} epochs, device {env.device}, "
-            f"amp {self.amp_dtype or 'none'}"
+            f"amp {self.amp_dtype or 'none'}\n"
+            f"step: {'fused' if fused else 'plain'} {config.opt} update, forward/backward in pieces of "
+            f"{min(parts.micro_batch or config.batch_size, config.batch_size)} images, "
+            f"split linears {'on' if parts.split_linears else 'off'}"
         )
 
 

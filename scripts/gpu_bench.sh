@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark and checks (issue 4): one prepared run on a CUDA machine that already has PyTorch and timm.
+# The GPU benchmark and checks (issue 4): one prepared run on a CUDA machine that already has PyTorch and timm,
+# plus the bf16 CPU rows on its host CPU (2 threads).
 #   bash scripts/gpu_bench.sh OUT_DIR      -> OUT_DIR/gpu.md (Markdown tables for BENCHMARKS.md), OUT_DIR/gpu.log
 # Steps run most-important first, each under its own time limit, and stop starting once BUDGET_S (default 480)
 # seconds have passed, so one slow compile cannot cost the rest. Runs from the repository root without installing.
@@ -33,6 +34,8 @@ step() {
 AMP=fp16
 [[ $DEVICE == cpu ]] && AMP=none
 bench() { step "$1" "$PY" -m mambaout bench --device "$DEVICE" --batch-size "$BATCH" --repeats 10 --iters 5 --warmup 3 "${@:2}"; }
+# the host CPU, 2 threads (the lent machines' Xeons have AMX-BF16, like the CPU issue 4's bf16 goals were set on)
+cpu_bench() { step "$1" "$PY" -m mambaout bench --device cpu --threads 2 --batch-size 32 --repeats 5 "${@:2}"; }
 
 {
     echo "# GPU run, $(date -u '+%Y-%m-%d %H:%M UTC')"
@@ -48,6 +51,9 @@ bench 60 --model mambaout_femto --dtype fp32
 bench 60 --model mambaout_femto --dtype bf16 --train
 bench 60 --model mambaout_femto --dtype fp32 --train
 bench 60 --model mambaout_tiny --dtype bf16
+grep -q -w amx_bf16 /proc/cpuinfo && echo "(host CPU has AMX-BF16)" >>"$MD"
+cpu_bench 150 --model mambaout_femto --dtype bf16 --train --levers
+cpu_bench 90 --model mambaout_femto --dtype bf16
 step 90 bash -c "$PY -m mambaout train --device $DEVICE --amp $AMP --epochs 2 --workers 2 --output /tmp/gpu-digits \
     >/dev/null && cat /tmp/gpu-digits/metrics.jsonl && $PY -m mambaout eval --checkpoint /tmp/gpu-digits/best.pth \
     --device $DEVICE --amp $AMP --workers 0 | tail -n 3"

@@ -66,14 +66,22 @@ def table_rows(text: str) -> dict[str, list[float]]:
     return rows
 
 
-@pytest.mark.parametrize("kwargs", [{"onnx": True}, {"train": True}])
-def test_run_benchmark_tiny(kwargs):
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"onnx": True}, ["timm eager", "mambaout fast", "onnxruntime", "onnxruntime, reference graph"]),
+        ({"train": True}, ["timm train step", "mambaout train step"]),
+        (
+            {"train": True, "levers": True},
+            ["timm train step", "mambaout step: fused AdamW only", "+ micro-batches", "+ split linears"],
+        ),
+    ],
+)
+def test_run_benchmark_tiny(kwargs, expected):
     settings = BenchSettings(batch_size=2, img_size=64, repeats=1, warmup=1, threads=1, **kwargs)
     text = run_benchmark(settings)
     assert COLUMNS in text and settings.command() in text
     rows = table_rows(text)
-    expected = ["timm train step", "mambaout train step"] if settings.train else ["timm eager", "mambaout fast"]
-    expected += ["onnxruntime", "onnxruntime, reference graph"] if settings.onnx else []
     assert list(rows) == expected
     assert all(v > 0 for name, values in rows.items() for v in values[:5])  # params, MACs, img/s, p50, p90
     assert rows[expected[0]][-1] == 1.0
@@ -84,7 +92,8 @@ def test_run_benchmark_tiny(kwargs):
     [
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--model", "mambaout_femtoo"], "did you mean 'mambaout_femto'"),
-        (["--onnx", "--dtype", "bf16"], "--onnx and --levers time fp32 inference"),
+        (["--onnx", "--dtype", "bf16"], "--onnx times fp32 inference"),
+        (["--levers", "--dtype", "bf16"], "--levers times fp32 inference levers"),
         (["--device", "tpu"], "choose cpu or cuda"),
     ],
 )

@@ -139,12 +139,19 @@ def onnx_paths(model: MambaOut, x: torch.Tensor, threads: int) -> tuple[list[Ben
 
 
 def train_paths(
-    model: MambaOut, name: str, x: torch.Tensor, dtype: torch.dtype, micro_batch: int | None
+    model: MambaOut,
+    name: str,
+    x: torch.Tensor,
+    dtype: torch.dtype,
+    micro_batch: int | None,
+    levers: bool = False,
 ) -> list[BenchPath]:
     """One training step (forward, backward, AdamW) of timm's model (baseline) and ours, same weights and data.
 
     Each path trains its own copy, so the weights drift apart over the repeats; the work per step does not.
-    timm runs as its users run it (fp32, or bf16 autocast); ours runs `mambaout.fast.train_step`.
+    timm runs as its users run it (fp32, or bf16 autocast); ours runs `mambaout.fast.train_step` with its default
+    levers for the device, or with `levers` one row per lever added: the fused AdamW alone (whole batch, reference
+    blocks), + cache-sized micro-batches, + split linears.
     """
     gen = torch.Generator().manual_seed(0)
     targets = torch.randint(0, model.num_classes, (x.shape[0],), generator=gen).to(x.device)
@@ -159,12 +166,25 @@ def train_paths(
         twin_opt.step()
         twin_opt.zero_grad(set_to_none=True)
 
-    ours = copy.deepcopy(model).train()
-    ours_opt = fused_adamw(ours.parameters(), lr=1e-4, weight_decay=0.05)
-    config = TrainStepConfig(amp_dtype=None if dtype == torch.float32 else dtype, micro_batch=micro_batch)
-    step = make_train_step(ours, ours_opt, loss_fn, config)
+    def ours(**levers) -> Callable[[], float]:
+        copy_ = copy.deepcopy(model).train()
+        amp = None if dtype == torch.float32 else dtype
+        step = make_train_step(
+            copy_,
+            fused_adamw(copy_.parameters(), lr=1e-4, weight_decay=0.05),
+            loss_fn,
+            TrainStepConfig(amp_dtype=amp, **levers),
+        )
+        return lambda: step(x, targets)
+
     tag = "" if dtype == torch.float32 else " bf16 autocast"
+    paths = [BenchPath(f"timm train step{tag}", timm_step, baseline=True)]
+    if not levers:
+        return [*paths, BenchPath(f"mambaout train step{tag}", ours(micro_batch=micro_batch))]
+    whole = x.shape[0]
     return [
-        BenchPath(f"timm train step{tag}", timm_step, baseline=True),
-        BenchPath(f"mambaout train step{tag}", lambda: step(x, targets)),
+        *paths,
+        BenchPath("mambaout step: fused AdamW only", ours(micro_batch=whole, split_linears=False)),
+        BenchPath("+ micro-batches", ours(micro_batch=micro_batch, split_linears=False)),
+        BenchPath("+ split linears", ours(micro_batch=micro_batch, split_linears=True)),
     ]

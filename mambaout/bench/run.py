@@ -30,7 +30,8 @@ class BenchSettings:
         compile: Add `torch.compile`d timm and ours.
         train: Time a training step (forward, backward, AdamW) instead of inference.
         onnx: Add ONNX Runtime on our exported model (fp32 inference only).
-        levers: Time our fp32 inference levers one at a time (an ablation) instead of the usual paths.
+        levers: Time our levers one at a time (an ablation) instead of the usual paths: fp32 inference, or the
+            training step's with `train`.
         repeats: Interleaved rounds; each path runs `iters` timed calls per round.
         iters: Timed calls per path per round.
         warmup: Untimed calls per path first.
@@ -77,8 +78,10 @@ class BenchSettings:
             raise UserError(f"--device {self.device}: choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-        if (self.onnx or self.levers) and (self.train or self.dtype != "fp32"):
-            raise UserError("--onnx and --levers time fp32 inference; drop --train / use --dtype fp32")
+        if self.onnx and (self.train or self.dtype != "fp32"):
+            raise UserError("--onnx times fp32 inference; drop --train / use --dtype fp32")
+        if self.levers and not self.train and self.dtype != "fp32":
+            raise UserError("--levers times fp32 inference levers (or training levers with --train); use --dtype fp32")
 
     def command(self) -> str:
         """The `mambaout bench` command line that reproduces these settings."""
@@ -143,7 +146,7 @@ def run_benchmark(settings: BenchSettings) -> str:
     machine = machine_summary(settings.device)
     exported = None
     if settings.train:
-        paths = train_paths(model, settings.model, x, dtype, settings.micro_batch)
+        paths = train_paths(model, settings.model, x, dtype, settings.micro_batch, levers=settings.levers)
     elif settings.levers:
         paths = lever_paths(model, settings.model, x, settings.micro_batch)
     else:
@@ -167,7 +170,9 @@ def run_benchmark(settings: BenchSettings) -> str:
         achieved = r.images_per_s(settings.batch_size) * flops / 1e9
         what = f" ({path.note})" if path.note else ""
         notes.append(f"{r.name}{what}: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the matmul peak")
-    kind = "training step" if settings.train else "inference levers" if settings.levers else "inference"
+    kind = "inference levers" if settings.levers else "inference"
+    if settings.train:
+        kind = "training-step levers" if settings.levers else "training step"
     title = (
         f"{settings.model}, {kind}, batch {settings.batch_size}, {settings.img_size}², {settings.dtype}, "
         f"{settings.device}"

@@ -27,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--onnx", action="store_true", help="add ONNX Runtime on our exported model, fused and reference graphs (fp32)"
     )
-    parser.add_argument("--levers", action="store_true", help="time our fp32 inference levers one at a time")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="time our levers one at a time (fp32 inference; the training step's with --train)",
+    )
     parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"interleaved rounds ({d.repeats})")
     parser.add_argument("--iters", type=int, default=d.iters, metavar="N", help="timed calls per path per round (1)")
     parser.add_argument("--warmup", type=int, default=d.warmup, metavar="N", help="untimed calls per path first (1)")

@@ -70,7 +70,9 @@ def main() -> int:
     loss_fn = nn.CrossEntropyLoss()
     loss_fn(twin(images), targets).backward()
     torch.optim.SGD(twin.parameters(), lr=1.0).step()
-    step = make_train_step(model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, TrainStepConfig(micro_batch=4))
+    step = make_train_step(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), loss_fn, TrainStepConfig(micro_batch=4, split_linears=True)
+    )
     step(images, targets)
     diff = max(
         (a - b).abs().max().item() / max(1.0, b.abs().max().item())

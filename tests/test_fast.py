@@ -50,16 +50,9 @@ def built(request) -> Built:
     with torch.device("meta"):
         ref = mambaout.create_model(request.param)
     ref = randomize_(ref.to_empty(device="cpu")).eval()
-    return Built(request.param, ref, onednn_everywhere(optimize_for_inference(ref)))
-
-
-def onednn_everywhere(fast: FastMambaOut) -> FastMambaOut:
-    """`fast` with its oneDNN kernels used on inputs of any height (by default only on tall ones), so that the
-    small test images exercise them."""
-    for block in fast.modules():
-        if isinstance(block, FusedGatedCNNBlock):
-            block.kernels = dataclasses.replace(block.kernels, min_rows=0)
-    return fast
+    # oneDNN's kernels on every input, so that the small test images exercise them (by default: tall inputs only)
+    onednn_everywhere = dataclasses.replace(select_kernels("cpu", torch.float32), min_rows=0)
+    return Built(request.param, ref, optimize_for_inference(ref, kernels=onednn_everywhere))
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

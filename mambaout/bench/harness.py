@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BenchPath", "PathResult", "machine_summary", "markdown_table", "measure", "peak_memory_mib"]
+__all__ = [
+    "BenchPath",
+    "PathResult",
+    "load_average",
+    "machine_summary",
+    "markdown_table",
+    "measure",
+    "peak_memory_mib",
+    "synchronize",
+]
 
 
 @dataclass
@@ -66,9 +75,15 @@ class PathResult:
         return batch_size / statistics.median(self.latencies_s)
 
 
-def _sync(device: str) -> None:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages as "a/b/c", or "n/a" where the OS has none."""
+    return "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
 
 
 def measure(
@@ -90,15 +105,15 @@ def measure(
     for p in paths:
         for _ in range(warmup):
             p.run()
-        _sync(device)
+        synchronize(device)
     for r in range(repeats):
         k = r % len(paths)
         for p in list(paths[k:]) + list(paths[:k]):
             for _ in range(iters):
-                _sync(device)
+                synchronize(device)
                 start = time.perf_counter()
                 p.run()
-                _sync(device)
+                synchronize(device)
                 results[p.name].latencies_s.append(time.perf_counter() - start)
     return [results[p.name] for p in paths]
 
@@ -171,7 +186,7 @@ def machine_summary(device: str = "cpu") -> dict[str, str]:
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "load": "/".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a",
+        "load": load_average(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))

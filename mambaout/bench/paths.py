@@ -6,10 +6,9 @@ and reference graphs) with `--onnx`; `--levers` times our fp32 levers one at a t
 step (forward, backward, AdamW) of timm's model against `mambaout.fast.train_step`.
 """
 
-import contextlib
 import copy
+import dataclasses
 import functools
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,8 @@ import torch
 from torch import nn
 
 from mambaout.bench.harness import BenchPath
-from mambaout.fast import REFERENCE_ENV, optimize_for_inference
-from mambaout.fast.train_step import TrainStepConfig, fused_adamw, make_train_step
+from mambaout.fast import KernelSet, optimize_for_inference, select_kernels
+from mambaout.fast.train_step import TrainStepConfig, autocast, fused_adamw, make_train_step
 from mambaout.models import MambaOut
 from mambaout.weights import convert_state_dict
 
@@ -35,13 +34,9 @@ def timm_twin(model: MambaOut, name: str) -> nn.Module:
     return twin.to(next(model.parameters()).device).eval()
 
 
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
-def _infer(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast: torch.dtype | None = None):
+def _infer(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, autocast_dtype: torch.dtype | None = None):
     def run() -> torch.Tensor:
-        with torch.inference_mode(), _autocast(x.device, autocast or torch.float32):
+        with torch.inference_mode(), autocast(x.device, autocast_dtype):
             return fn(x)
 
     return run
@@ -84,35 +79,29 @@ def lever_paths(model: MambaOut, name: str, x: torch.Tensor, micro_batch: int | 
     """The fp32 inference levers added one at a time, to show what each gives (the ablation table).
 
     timm eager (baseline); our reference model; fused blocks on composed ops, whole batch; + oneDNN's fused
-    kernels; + micro-batches (= `optimize_for_inference`).
+    kernels on every input, then only on tall ones (the default); + micro-batches (= `optimize_for_inference`).
     """
     twin = timm_twin(model, name)
     whole = x.shape[0]
-    with _reference_kernels():
-        plain = optimize_for_inference(model, micro_batch=whole)
+    plain = optimize_for_inference(model, micro_batch=whole, kernels=KernelSet())
+    everywhere = dataclasses.replace(select_kernels(x.device, torch.float32), min_rows=0)
     return [
         BenchPath("timm eager", _infer(twin, x), baseline=True),
         BenchPath("mambaout reference eager", _infer(model, x)),
         BenchPath("+ fused blocks (composed ops, whole batch)", _infer(plain, x)),
-        BenchPath("+ oneDNN fused kernels", _infer(optimize_for_inference(model, micro_batch=whole), x)),
+        BenchPath(
+            "+ oneDNN fused kernels on every input",
+            _infer(optimize_for_inference(model, micro_batch=whole, kernels=everywhere), x),
+        ),
+        BenchPath(
+            "+ oneDNN fused kernels on tall inputs only",
+            _infer(optimize_for_inference(model, micro_batch=whole), x),
+        ),
         BenchPath(
             "+ micro-batches (optimize_for_inference)",
             _infer(optimize_for_inference(model, micro_batch=micro_batch), x),
         ),
     ]
-
-
-@contextlib.contextmanager
-def _reference_kernels():
-    previous = os.environ.get(REFERENCE_ENV)
-    os.environ[REFERENCE_ENV] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ[REFERENCE_ENV]
-        else:
-            os.environ[REFERENCE_ENV] = previous
 
 
 def onnx_paths(model: MambaOut, x: torch.Tensor, threads: int) -> tuple[list[BenchPath], Path]:
@@ -160,7 +149,7 @@ def train_paths(
     loss_fn = nn.CrossEntropyLoss()
 
     def timm_step() -> None:
-        with _autocast(x.device, dtype):
+        with autocast(x.device, dtype):
             loss = loss_fn(twin(x), targets)
         loss.backward()
         twin_opt.step()

@@ -1,6 +1,5 @@
 """`run_benchmark`: build the paths a `BenchSettings` asks for, measure them interleaved, return the Markdown."""
 
-import os
 import shlex
 import shutil
 import time
@@ -8,7 +7,14 @@ from dataclasses import dataclass
 
 import torch
 
-from mambaout.bench.harness import machine_summary, markdown_table, measure, peak_memory_mib
+from mambaout.bench.harness import (
+    load_average,
+    machine_summary,
+    markdown_table,
+    measure,
+    peak_memory_mib,
+    synchronize,
+)
 from mambaout.bench.paths import inference_paths, lever_paths, onnx_paths, train_paths
 from mambaout.errors import UserError
 from mambaout.models import create_model, get_spec, model_complexity
@@ -119,12 +125,10 @@ def matmul_peak_gflops(
         b = torch.randn(n, n, device=device).to(dtype)
         took = []
         for _ in range(4 if n == 256 else 3):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             a @ b
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
+            synchronize(device)
             took.append(time.perf_counter() - start)
         best = max(best, 2 * n**3 / min(took[-2:]) / 1e9)
         if min(took[-2:]) > budget_s:
@@ -177,7 +181,7 @@ def run_benchmark(settings: BenchSettings) -> str:
         f"{settings.model}, {kind}, batch {settings.batch_size}, {settings.img_size}², {settings.dtype}, "
         f"{settings.device}"
     )
-    load_after = "/".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    load_after = load_average()
     return markdown_table(
         title, settings.command(), results, settings.batch_size, params, macs, machine, load_after, notes
     )

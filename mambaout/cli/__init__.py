@@ -11,17 +11,8 @@ from typing import NoReturn
 
 from mambaout.errors import UserError
 
-# name -> module under mambaout.cli; each module's docstring first line is its help text.
-SUBCOMMANDS = {
-    "models": "models",
-    "convert": "convert",
-    "train": "train",
-    "eval": "eval",
-    "predict": "predict",
-    "plot": "plot",
-    "bench": "bench",
-    "export": "export",
-}
+# each is the module mambaout.cli.<name>; its docstring's first line is its help text
+SUBCOMMANDS = ("models", "convert", "train", "eval", "predict", "plot", "bench", "export")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,8 +25,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mambaout", description="MambaOut vision backbones: models, weights, tools.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(f"mambaout.cli.{module_name}")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"mambaout.cli.{name}")
         summary = (module.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=summary, description=module.__doc__)
         module.add_arguments(p)

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from mambaout.bench import DTYPES, BenchSettings, run_benchmark
-from mambaout.export.writers import atomic_path
+from mambaout.weights.io import atomic_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     table = run_benchmark(settings)
     print(table)
     if args.output:
-        with atomic_path(Path(args.output)) as tmp:
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(output) as tmp:
             tmp.write_text(table)
     return 0

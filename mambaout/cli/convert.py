@@ -11,8 +11,16 @@ from pathlib import Path
 import torch
 
 from mambaout.errors import UserError
-from mambaout.models import get_spec
-from mambaout.weights import LAYOUTS, convert_state_dict, load_checkpoint, read_state_dict, save_state_dict
+from mambaout.models import create_model, get_spec
+from mambaout.weights import (
+    LAYOUTS,
+    checkpoint_num_classes,
+    convert_state_dict,
+    load_checkpoint,
+    our_layout,
+    read_state_dict,
+    save_state_dict,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,10 +44,8 @@ def _check_fits(name: str, state_dict: dict[str, torch.Tensor], src: str) -> Non
 
     The model is built on the meta device: only names and shapes are checked, so this costs no memory or init time.
     """
-    classifier = state_dict.get("head.fc.weight")
     with torch.device("meta"):
-        model = get_spec(name).build(num_classes=0 if classifier is None else classifier.shape[0])
-    model.pretrained_cfg = {"architecture": name}
+        model = create_model(name, num_classes=checkpoint_num_classes(state_dict))
     load_checkpoint(model, state_dict, strict=True, name=src)
 
 
@@ -51,12 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if args.model:
         get_spec(args.model)  # an unknown name fails before a possibly long download
     state_dict = read_state_dict(args.src, sha256=args.sha256, prefer_ema=args.ema)
-    try:
-        converted = convert_state_dict(state_dict, to=layout)
-    except UserError as e:
-        raise UserError(f"{args.src}: {e}") from None
+    ours = our_layout(state_dict, args.src)
+    converted = convert_state_dict(ours, to=layout, source="mambaout")
     if args.model:
-        _check_fits(args.model, convert_state_dict(converted, to="mambaout", source=layout), args.src)
+        _check_fits(args.model, ours, args.src)
     save_state_dict(converted, dst)
     file_format = "safetensors" if dst.suffix == ".safetensors" else "torch"
     checked = f", checked against {args.model}" if args.model else ""

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from mambaout.errors import UserError
+from mambaout.train.config import AMP_MODES
 from mambaout.train.distributed import init_distributed
 from mambaout.train.engine import resolve_amp
 from mambaout.train.inference import evaluate_folder, load_classifier
@@ -30,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes (up to 4)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
     parser.add_argument("--json", metavar="PATH", help="results file (default: <checkpoint>.eval.json beside it)")
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model
 from mambaout.models import create_model, get_spec
-from mambaout.weights import convert_state_dict, load_checkpoint, read_state_dict
+from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,12 +37,9 @@ def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> n
     get_spec(name)  # an unknown name fails before reading a possibly large checkpoint
     if checkpoint is None:
         return create_model(name, num_classes=num_classes)
-    state_dict = read_state_dict(checkpoint)
-    if num_classes is None:
-        classifier = convert_state_dict(state_dict, to="mambaout").get("head.fc.weight")
-        num_classes = 0 if classifier is None else classifier.shape[0]
-    model = create_model(name, num_classes=num_classes)
-    load_checkpoint(model, state_dict, name=checkpoint)
+    weights = our_layout(read_state_dict(checkpoint), checkpoint)
+    model = create_model(name, num_classes=checkpoint_num_classes(weights) if num_classes is None else num_classes)
+    load_checkpoint(model, weights, name=checkpoint)
     return model
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from mambaout.errors import UserError
-from mambaout.train.distributed import init_distributed
+from mambaout.train.config import AMP_MODES
+from mambaout.train.distributed import resolve_device
 from mambaout.train.engine import resolve_amp
 from mambaout.train.inference import load_classifier, predict_files
 from mambaout.weights.io import atomic_write
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="PATH", help="write to this file instead of printing")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--amp", default="auto", choices=("auto", "none", "bf16", "fp16"), help="mixed precision")
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
 
 
 def _as_text(results: list[dict[str, Any]]) -> str:
@@ -61,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--top must be >= 1 (got {args.top})")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    env = init_distributed(args.device)
-    classifier = load_classifier(args.checkpoint, args.model, args.ema, env.device)
+    device = resolve_device(args.device)
+    classifier = load_classifier(args.checkpoint, args.model, args.ema, device)
     results, unreadable = predict_files(
-        classifier, args.images, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, env.device)
+        classifier, args.images, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, device)
     )
     if unreadable:
         shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:10])

@@ -19,7 +19,7 @@ from torchvision.datasets.folder import make_dataset
 from mambaout.data.images import UnreadableImage, has_image_extension, load_image
 from mambaout.errors import UserError
 
-__all__ = ["ImageFiles", "RobustImageFolder"]
+__all__ = ["ImageFiles", "RobustImageFolder", "class_folders"]
 
 _OK, _UNREADABLE = 0, 1
 
@@ -111,6 +111,13 @@ class ImageFiles(Dataset):
         return self.transform(image) if self.transform is not None else image
 
 
+def class_folders(root: Path) -> list[str]:
+    """The sorted class folder names under `root` (hidden ones left out); empty when `root` is no folder."""
+    if not root.is_dir():
+        return []
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 class RobustImageFolder(ImageFiles):
     """torchvision's ImageFolder layout and labels, read by `ImageFiles`.
 
@@ -142,7 +149,7 @@ class RobustImageFolder(ImageFiles):
         layout = f"expected {self.root}/<class>/<images>"
         if not self.root.is_dir():
             raise UserError(f"dataset folder {self.root} does not exist ({layout})")
-        found = sorted(e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith("."))
+        found = class_folders(self.root)
         if not found:
             raise UserError(f"no class folders in {self.root} ({layout})")
         unknown = sorted(set(found) - set(classes)) if classes is not None else []

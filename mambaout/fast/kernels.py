@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["REFERENCE_ENV", "Activation", "KernelSet", "activation_of", "select_kernels"]
+__all__ = ["REFERENCE_ENV", "Activation", "KernelSet", "activation_of", "cpu_has_kernels", "select_kernels"]
 
 REFERENCE_ENV = "MAMBAOUT_FAST_REFERENCE"
 ONEDNN_MIN_ROWS = 8192
@@ -74,7 +74,7 @@ class KernelSet:
     min_rows: int = ONEDNN_MIN_ROWS
 
     def _onednn_for(self, x: torch.Tensor) -> bool:
-        return self.onednn and x.shape[0] >= self.min_rows
+        return self.onednn and x.is_cpu and x.shape[0] >= self.min_rows
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """`x @ weight.T + bias` for `x` `[N, K]`, `weight` `[M, K]` -> `[N, M]`."""
@@ -128,12 +128,13 @@ def _probe(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _cpu_kernels(dtype: torch.dtype) -> KernelSet:
-    return KernelSet(onednn=_onednn_ops_present() and _probe(dtype))
+def cpu_has_kernels(dtype: torch.dtype) -> bool:
+    """True when this CPU and PyTorch build have oneDNN's fused linear kernels for `dtype` (probed once)."""
+    return _onednn_ops_present() and _probe(dtype)
 
 
 def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelSet:
     """The fastest `KernelSet` that works for `device` and `dtype` (all fallbacks off CPU or when forced)."""
     if torch.device(device).type != "cpu" or os.environ.get(REFERENCE_ENV, "") not in ("", "0"):
         return KernelSet()
-    return _cpu_kernels(dtype)
+    return KernelSet(onednn=cpu_has_kernels(dtype))

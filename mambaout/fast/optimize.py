@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
-from mambaout.fast.kernels import KernelSet, select_kernels
+from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
 from mambaout.models import MambaOut
 
 __all__ = ["FastMambaOut", "auto_micro_batch", "optimize_for_inference"]
@@ -82,11 +82,27 @@ class FastMambaOut(nn.Module):
         object.__setattr__(self, "_run", compiled)
         self.dtype = dtype
         self.micro_batch = micro_batch
-        self.num_classes = model.num_classes
-        self.num_features = model.num_features
-        self.head_hidden_size = model.head_hidden_size
-        self.feature_info = model.feature_info
-        self.pretrained_cfg = getattr(model, "pretrained_cfg", None)
+
+    # the reference model's description, read through (not copied) from the fused model
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def num_features(self) -> int:
+        return self.model.num_features
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.model.head_hidden_size
+
+    @property
+    def feature_info(self) -> list[dict]:
+        return self.model.feature_info
+
+    @property
+    def pretrained_cfg(self) -> dict | None:
+        return getattr(self.model, "pretrained_cfg", None)
 
     def _images(self, x: torch.Tensor) -> torch.Tensor:
         # NHWC memory for the stem's convs; the tensor is still indexed [B, 3, H, W]
@@ -158,6 +174,7 @@ def optimize_for_inference(
     dtype: torch.dtype = torch.float32,
     micro_batch: int | None = None,
     compile: bool = False,
+    kernels: KernelSet | None = None,
 ) -> FastMambaOut:
     """A fused inference module computing the same function as `model` (which is left untouched).
 
@@ -170,6 +187,8 @@ def optimize_for_inference(
         compile: Also `torch.compile` the forward (with weight freezing). The blocks then use the composed ops,
             which inductor fuses itself (its freezing pass cannot take oneDNN's fused ops); the first call of each
             input shape compiles, which takes a minute or more.
+        kernels: The fused blocks' kernels on CPU; default `select_kernels(device, dtype)`. `KernelSet()` forces
+            the composed ops; `dataclasses.replace(select_kernels(...), min_rows=0)` uses oneDNN on every input.
 
     Returns:
         A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and
@@ -180,8 +199,11 @@ def optimize_for_inference(
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
     device = next(model.parameters()).device
-    kernels = KernelSet() if compile else select_kernels(device, dtype)
-    if device.type == "cpu" and dtype == torch.bfloat16 and not select_kernels(device, dtype).onednn:
+    if compile:
+        kernels = KernelSet()
+    elif kernels is None:
+        kernels = select_kernels(device, dtype)
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu_has_kernels(dtype):
         warnings.warn(
             "this CPU has no bf16 matrix kernels (oneDNN needs AVX-512-BF16, AMX or AVX2-VNNI-2): bf16 runs far "
             "slower than fp32 here; use dtype=torch.float32",

@@ -31,6 +31,7 @@ __all__ = [
     "SplitLinearGatedCNNBlock",
     "TrainStepConfig",
     "auto_train_micro_batch",
+    "autocast",
     "fused_adamw",
     "make_train_step",
     "split_linear_blocks",
@@ -89,17 +90,13 @@ class TrainStepConfig:
     Attributes:
         amp_dtype: Autocast dtype: torch.bfloat16, or None for fp32 (fp16 would need a gradient scaler).
         micro_batch: Images per micro-batch; None picks one from the image size on CPU and runs whole batches on GPU.
-        channels_last: Feed images in channels-last memory format.
         split_linears: Run the blocks as `SplitLinearGatedCNNBlock` (no split/cat copies); None: on the CPU only
             (on a GPU its thinner matrix multiplies cost more than the copies they save: 0.92-0.97× on an H100).
-        max_grad_norm: Clip the gradient norm to this before the step; None for no clipping.
     """
 
     amp_dtype: torch.dtype | None = None
     micro_batch: int | None = None
-    channels_last: bool = True
     split_linears: bool | None = None
-    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -114,6 +111,13 @@ def auto_train_micro_batch(model: nn.Module, image_size: tuple[int, int], dtype:
     pixels = (image_size[0] // 4) * (image_size[1] // 4)
     per_image = pixels * width * SAVED_VALUES_PER_CHANNEL * torch.finfo(dtype).bits // 8
     return max(1, TRAIN_MICRO_BATCH_BYTES // max(per_image, 1))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """`torch.autocast` to `dtype` on `device`'s type; no autocast for None or float32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def fused_adamw(params: Iterable, lr: float, weight_decay: float, **kwargs) -> torch.optim.AdamW:
@@ -147,30 +151,23 @@ def make_train_step(
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> float:
         batch = images.shape[0]
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)  # the stem's convs take oneDNN's NHWC path
         chunk = config.micro_batch
         if chunk is None:
             on_cpu = images.device.type == "cpu"
-            chunk = auto_train_micro_batch(model, images.shape[-2:], images.dtype) if on_cpu else batch
-        autocast = (
-            torch.autocast(images.device.type, dtype=config.amp_dtype)
-            if config.amp_dtype is not None
-            else contextlib.nullcontext()
-        )
+            compute = config.amp_dtype or images.dtype  # as `mambaout train` sizes them
+            chunk = auto_train_micro_batch(model, images.shape[-2:], compute) if on_cpu else batch
         total = torch.zeros((), device=images.device)
         split = config.split_linears if config.split_linears is not None else images.device.type == "cpu"
         blocks = split_linear_blocks(model) if split else contextlib.nullcontext()
         with blocks:
             for part, part_targets in zip(images.split(chunk), targets.split(chunk), strict=True):
-                with autocast:
+                with autocast(images.device, config.amp_dtype):
                     loss = loss_fn(model(part), part_targets)
                 # weight by the micro-batch's share, so the summed gradient is the batch-mean gradient
                 share = part.shape[0] / batch
                 (loss * share).backward()
                 total += loss.detach().float() * share
-        if config.max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return total.item()

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from mambaout.errors import UserError
 
-__all__ = ["DistEnv", "init_distributed"]
+__all__ = ["DistEnv", "init_distributed", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,6 @@ class DistEnv:
     device: torch.device
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -62,10 +61,6 @@ class DistEnv:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
     def shutdown(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
@@ -83,18 +78,27 @@ def init_distributed(device: str = "auto") -> DistEnv:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    target = resolve_device(device, int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world_size)
+    return DistEnv(device=target, rank=rank, world_size=world_size)
+
+
+def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
+    """The device for a `--device` choice, made current: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N";
+    with `local_rank` (a distributed run) CUDA is `cuda:<local_rank>`, one GPU per process.
+
+    Raises:
+        UserError: CUDA asked for but not available.
+    """
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
     if not use_cuda:
-        target = torch.device("cpu")
-    elif world_size > 1 or device in ("auto", "cuda"):
-        target = torch.device("cuda", local_rank if world_size > 1 else 0)
+        return torch.device("cpu")
+    if local_rank is not None or device in ("auto", "cuda"):
+        target = torch.device("cuda", local_rank or 0)
     else:
         target = torch.device(device)
-    if target.type == "cuda":
-        torch.cuda.set_device(target)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world_size)
-    return DistEnv(device=target, rank=rank, world_size=world_size, local_rank=local_rank)
+    torch.cuda.set_device(target)
+    return target

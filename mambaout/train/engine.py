@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mambaout.errors import UserError
-from mambaout.fast.train_step import split_linear_blocks
+from mambaout.fast.train_step import autocast, split_linear_blocks
 from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
 
@@ -98,10 +98,6 @@ class EpochProgress:
         return self.loss_sum / self.samples if self.samples else float("nan")
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
-
-
 def _to_device(images: torch.Tensor, targets: torch.Tensor, env: DistEnv, channels_last: bool) -> tuple:
     images = images.to(env.device, non_blocking=True)
     if channels_last:
@@ -161,8 +157,9 @@ def train_one_epoch(
     model.train()
     batches = iter(loader)
     start, samples_before = time.perf_counter(), progress.samples
-    while progress.updates < num_updates:
-        with split_linear_blocks(parts.module) if parts.split_linears else nullcontext():
+    # the blocks' class is switched for the whole epoch (parameters, state dict and EMA are untouched by it)
+    with split_linear_blocks(parts.module) if parts.split_linears else nullcontext():
+        while progress.updates < num_updates:
             for micro in range(parts.accum_steps):
                 images, targets = _to_device(*next(batches), env, parts.channels_last)
                 if parts.mixup is not None:
@@ -171,16 +168,16 @@ def train_one_epoch(
                 loss_sum = _forward_backward(parts, images, targets, last_micro, epoch, progress, num_updates)
                 progress.loss_sum += loss_sum
                 progress.samples += len(images)
-        _optimizer_step(parts)
-        progress.updates += 1
-        elapsed = time.perf_counter() - start
-        images_per_sec = (progress.samples - samples_before) * env.world_size / max(elapsed, 1e-9)
-        bar.update(progress.loss, current_lr(optimizer), images_per_sec)
-        if after_update is not None:
-            after_update()
-        if should_stop():
-            progress.seconds += time.perf_counter() - start
-            return True
+            _optimizer_step(parts)
+            progress.updates += 1
+            elapsed = time.perf_counter() - start
+            images_per_sec = (progress.samples - samples_before) * env.world_size / max(elapsed, 1e-9)
+            bar.update(progress.loss, current_lr(optimizer), images_per_sec)
+            if after_update is not None:
+                after_update()
+            if should_stop():
+                progress.seconds += time.perf_counter() - start
+                return True
     progress.seconds += time.perf_counter() - start
     return False
 
@@ -202,36 +199,35 @@ def _forward_backward(
     model = parts.model
     chunk = parts.micro_batch or len(images)
     pieces = list(zip(images.split(chunk), targets.split(chunk), strict=True))
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=images.device)  # one host sync per batch, not per piece
     for k, (part, part_targets) in enumerate(pieces):
         # gradients are all-reduced only in the last backward pass of an optimizer step
         syncing = (last_micro and k == len(pieces) - 1) or not isinstance(model, DistributedDataParallel)
         with nullcontext() if syncing else model.no_sync():
-            with _autocast(parts.env.device, parts.amp_dtype):
+            with autocast(parts.env.device, parts.amp_dtype):
                 loss = parts.criterion(model(part), part_targets)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise NonFiniteLoss(
-                    f"loss is {value} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
-                    f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
-                    "good state: resume from it with a lower --lr, --clip-grad or --amp none"
-                )
             scaled = loss * (len(part) / len(images) / parts.accum_steps)
             (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
-        total += value * len(part)
-    return total
+        total += loss.detach().double() * len(part)
+    loss_sum = total.item()
+    if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing has changed or been saved
+        raise NonFiniteLoss(
+            f"loss is {loss_sum / len(images)} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
+            f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
+            "good state: resume from it with a lower --lr, --clip-grad or --amp none"
+        )
+    return loss_sum
 
 
 def _optimizer_step(parts: TrainParts) -> None:
+    if parts.clip_grad is not None:
+        if parts.scaler is not None:
+            parts.scaler.unscale_(parts.optimizer)  # clip the true gradients, not the scaled ones
+        nn.utils.clip_grad_norm_(parts.module.parameters(), parts.clip_grad)
     if parts.scaler is not None:
-        if parts.clip_grad is not None:
-            parts.scaler.unscale_(parts.optimizer)
-            nn.utils.clip_grad_norm_(parts.module.parameters(), parts.clip_grad)
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
     else:
-        if parts.clip_grad is not None:
-            nn.utils.clip_grad_norm_(parts.module.parameters(), parts.clip_grad)
         parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     parts.step += 1
@@ -263,7 +259,7 @@ def evaluate(
         if not keep.any():
             continue
         images, targets = _to_device(images[keep], targets[keep], env, channels_last)
-        with _autocast(env.device, amp_dtype):
+        with autocast(env.device, amp_dtype):
             logits = model(images)
         logits = logits.float()
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]  # [B, k]
@@ -305,7 +301,7 @@ def predict(
         keep = indices >= 0
         if not keep.any():
             continue
-        with _autocast(device, amp_dtype):
+        with autocast(device, amp_dtype):
             logits = model(images[keep].to(device))
         probs, classes = logits.float().softmax(dim=1).topk(min(top, logits.shape[1]), dim=1)
         for i, p, c in zip(indices[keep].tolist(), probs.tolist(), classes.tolist(), strict=True):

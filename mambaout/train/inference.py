@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from mambaout.data import ImageFiles, RobustImageFolder, ShardSampler, digits_tree, list_images
+from mambaout.data.folder import class_folders
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
 from mambaout.data.transforms import data_config, eval_transform
 from mambaout.errors import UserError
@@ -22,7 +23,7 @@ from mambaout.models import create_model
 from mambaout.train.checkpoint import is_run_checkpoint
 from mambaout.train.distributed import DistEnv
 from mambaout.train.engine import evaluate, predict
-from mambaout.weights import convert_state_dict, load_checkpoint, unwrap_state_dict
+from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, unwrap_state_dict
 from mambaout.weights.download import is_url
 from mambaout.weights.io import read_file
 
@@ -99,9 +100,8 @@ def load_classifier(
             f"--model is needed for {checkpoint or 'published weights'} (not a `mambaout train` checkpoint)"
         )
     if loaded is not None:
-        weights = convert_state_dict(unwrap_state_dict(loaded, prefer_ema, name=str(checkpoint)), to="mambaout")
-        classifier = weights.get("head.fc.weight")
-        model = create_model(model_name, num_classes=classifier.shape[0] if classifier is not None else 0)
+        weights = our_layout(unwrap_state_dict(loaded, prefer_ema, name=str(checkpoint)), str(checkpoint))
+        model = create_model(model_name, num_classes=checkpoint_num_classes(weights))
         load_checkpoint(model, weights, name=str(checkpoint))
     else:
         model = create_model(model_name, pretrained=checkpoint or True)
@@ -130,9 +130,7 @@ def evaluate_folder(
         The metrics of `evaluate` plus `unreadable` (files skipped) and `seconds`.
     """
     root = Path(root).expanduser()
-    folders = (
-        sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")) if root.is_dir() else []
-    )
+    folders = class_folders(root)
     classes = classifier.folder_classes
     if not folders or (classes is not None and set(folders) <= set(classes)):
         pass  # named classes, or a missing/empty tree that RobustImageFolder reports

@@ -409,8 +409,9 @@ class _Trainer:
         if env.is_main:
             self.run.create()
             self.run.keep_metrics_until(self.start_epoch)
-            self.run.write_config(config.to_dict(), self._describe())
-            print(self._describe(), flush=True)
+            description = self._describe()
+            self.run.write_config(config.to_dict(), description)
+            print(description, flush=True)
         for epoch in range(self.start_epoch, config.epochs):
             progress = self.resumed_progress if epoch == self.start_epoch else EpochProgress()
             self.sampler.set_epoch(epoch, start=progress.updates * config.accum_steps * config.batch_size)

@@ -9,15 +9,24 @@
 from mambaout.weights.download import download_cached
 from mambaout.weights.io import save_state_dict
 from mambaout.weights.layouts import LAYOUTS, convert_state_dict, detect_layout
-from mambaout.weights.loading import load_checkpoint, load_pretrained, read_state_dict, unwrap_state_dict
+from mambaout.weights.loading import (
+    checkpoint_num_classes,
+    load_checkpoint,
+    load_pretrained,
+    our_layout,
+    read_state_dict,
+    unwrap_state_dict,
+)
 
 __all__ = [
     "LAYOUTS",
+    "checkpoint_num_classes",
     "convert_state_dict",
     "detect_layout",
     "download_cached",
     "load_checkpoint",
     "load_pretrained",
+    "our_layout",
     "read_state_dict",
     "save_state_dict",
     "unwrap_state_dict",

@@ -22,6 +22,7 @@ import torch
 from mambaout.errors import UserError
 
 __all__ = [
+    "atomic_path",
     "atomic_write",
     "check_sha256_format",
     "file_format",
@@ -139,24 +140,32 @@ def verify_sha256(path: Path, sha256: str) -> None:
 
 
 @contextmanager
-def atomic_write(path: Path) -> Iterator[BinaryIO]:
-    """Open a temporary file beside `path` for writing; on success it is synced and renamed onto `path`.
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A new temporary file beside `path`, for writers that take a file name; on success it is synced and renamed
+    onto `path`.
 
     Readers see either the old file or the complete new one, never a partial write; if the block raises, the
-    temporary file is removed and an existing `path` is untouched.
+    temporary file is removed and an existing `path` is untouched. The temporary name keeps `path`'s suffix (some
+    writers and loaders go by it, e.g. torch.export's `.pt2`).
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
     # mode 0o666 lets the umask apply, as for a plain open(); tempfile.mkstemp would leave the file owner-only
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[BinaryIO]:
+    """`atomic_path` opened for binary writing: the file object to write `path`'s new content to."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        yield f
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> Path:

@@ -21,7 +21,14 @@ from mambaout.weights.download import download_cached, is_url
 from mambaout.weights.io import file_format, read_file, verify_sha256
 from mambaout.weights.layouts import convert_state_dict
 
-__all__ = ["load_checkpoint", "load_pretrained", "read_state_dict", "unwrap_state_dict"]
+__all__ = [
+    "checkpoint_num_classes",
+    "load_checkpoint",
+    "load_pretrained",
+    "our_layout",
+    "read_state_dict",
+    "unwrap_state_dict",
+]
 
 # Keys under which training scripts nest the weights: plain first, then EMA (timm, our train engine, DeiT-style).
 _MODEL_KEYS = ("model", "state_dict")
@@ -100,6 +107,20 @@ def read_state_dict(
     return unwrap_state_dict(read_file(path), prefer_ema=prefer_ema, name=str(path))
 
 
+def our_layout(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """`state_dict` (ours, timm's or the official layout) in our layout; a `UserError` naming `name` otherwise."""
+    try:
+        return convert_state_dict(state_dict, to="mambaout")
+    except UserError as e:
+        raise UserError(f"{name}: {e}") from None
+
+
+def checkpoint_num_classes(weights: Mapping[str, torch.Tensor]) -> int:
+    """The classifier outputs of our-layout `weights` (0 when they have no classifier)."""
+    classifier = weights.get(_CLASSIFIER[0])
+    return 0 if classifier is None else classifier.shape[0]
+
+
 def _architecture(model: nn.Module) -> str:
     cfg = getattr(model, "pretrained_cfg", None)
     return cfg["architecture"] if isinstance(cfg, dict) and "architecture" in cfg else type(model).__name__
@@ -147,10 +168,7 @@ def load_checkpoint(
     else:
         name = name or os.fspath(source)
         state_dict = read_state_dict(source, sha256=sha256, prefer_ema=prefer_ema)
-    try:
-        state_dict = convert_state_dict(state_dict, to="mambaout")
-    except UserError as e:
-        raise UserError(f"{name}: {e}") from None
+    state_dict = our_layout(state_dict, name)
 
     expected = model.state_dict()
     theirs, ours = state_dict.get(_CLASSIFIER[0]), expected.get(_CLASSIFIER[0])

@@ -1,7 +1,7 @@
 """mambaout: the MambaOut vision backbones (Yu & Wang, CVPR 2025) — models, weights, training, fast inference."""
 
 from mambaout.errors import UserError
-from mambaout.fast import optimize_for_inference
+from mambaout.fast import optimize_for_inference, tune_cpu_allocator
 from mambaout.models import MambaOut, create_model, list_models, model_complexity
 from mambaout.weights import load_checkpoint
 
@@ -13,5 +13,6 @@ __all__ = [
     "load_checkpoint",
     "model_complexity",
     "optimize_for_inference",
+    "tune_cpu_allocator",
 ]
 __version__ = "0.1.0"

@@ -51,6 +51,7 @@ def test_markdown_table_has_context_columns_and_ratios():
         "t", "mambaout bench", results, 4, 7_300_000, 1_148_000_000, machine_summary(), "0.1/0.1/0.1", ["a note"]
     )
     assert COLUMNS in text and "- command: `mambaout bench`" in text and "load average" in text
+    assert "; CPU memory: " in text  # the allocator moves CPU figures by up to 1.5x (mambaout.fast.allocator)
     rows = [line for line in text.splitlines() if line.startswith("| base") or line.startswith("| fast")]
     assert rows[0].endswith("| 1.00 |") and rows[1].endswith("| 2.00 |")
     assert "| 7.30 | 1.148 | 40.00 |" in rows[1] and "| 12.5 |" in rows[1] and "- a note" in text
@@ -101,6 +102,13 @@ def test_cli_bad_flags_are_one_line_errors(argv, message, capsys):
     assert main(["bench", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_malloc_mode_is_checked_and_reproduced():
+    assert BenchSettings(malloc="system").command().endswith("--malloc system")
+    assert "--malloc" not in BenchSettings().command()  # tuned is the default
+    with pytest.raises(UserError, match="--malloc jemalloc: choose one of tuned, system"):
+        BenchSettings(malloc="jemalloc")
 
 
 def test_cuda_is_refused_cleanly_without_a_gpu():

@@ -21,6 +21,7 @@ from mambaout.fast import (
     FastMambaOut,
     FusedGatedCNNBlock,
     auto_micro_batch,
+    micro_batches,
     optimize_for_inference,
     select_kernels,
 )
@@ -126,6 +127,22 @@ def test_micro_batches_give_the_whole_batch_result(built):
         whole = optimize_for_inference(built.ref, micro_batch=3)(images)
         assert max_diff(optimize_for_inference(built.ref, micro_batch=2)(images), whole) <= 1e-5
         assert max_diff(built.fast(images), whole) <= 1e-5
+
+
+def test_micro_batches_are_even_views():
+    x = torch.arange(32.0)
+    assert [len(p) for p in micro_batches(x, 31)] == [16, 16]
+    assert [len(p) for p in micro_batches(x, 7)] == [7, 7, 6, 6, 6]
+    assert [len(p) for p in micro_batches(x, 64)] == [32]
+    assert torch.equal(torch.cat(micro_batches(x, 5)), x) and micro_batches(x, 5)[1].data_ptr() == x[5:].data_ptr()
+
+
+@pytest.mark.parametrize("built", ALL[:1], indirect=True)
+def test_conv_weights_are_channels_last(built):
+    # oneDNN's NHWC convolution would otherwise reorder each conv weight on every call
+    convs = [m for m in built.fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    weights = [m.weight for m in convs] + [m.conv_weight for m in built.fast.modules() if hasattr(m, "conv_weight")]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
 
 
 def test_auto_micro_batches_grow_with_depth():

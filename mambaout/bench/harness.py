@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mambaout.fast.allocator import cpu_allocator
+
 __all__ = [
     "BenchPath",
     "PathResult",
@@ -174,7 +176,7 @@ def peak_memory_mib(run: Callable[[], object], device: str = "cpu", interval_s: 
 
 
 def machine_summary(device: str = "cpu") -> dict[str, str]:
-    """Machine, software, threads, date and load average, for the lines above a table."""
+    """Machine, CPU allocator, software, threads, date and load average, for the lines above a table."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -183,6 +185,7 @@ def machine_summary(device: str = "cpu") -> dict[str, str]:
         pass
     info = {
         "cpu": f"{cpu}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}",
+        "allocator": cpu_allocator(),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -228,7 +231,7 @@ def markdown_table(
         "",
         f"- command: `{command}`",
         f"- machine: {machine['cpu']}{'; ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
-        f"{machine['threads']} thread{'' if machine['threads'] == '1' else 's'}",
+        f"{machine['threads']} thread{'' if machine['threads'] == '1' else 's'}; CPU memory: {machine['allocator']}",
         f"- date: {machine['date']}; load average (1/5/15 min) before {machine['load']}, after {load_after}",
         f"- {len(results[0].latencies_s)} timed calls per path, interleaved; medians; ratio = img/s over `{base.name}`",
         "",

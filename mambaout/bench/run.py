@@ -17,6 +17,7 @@ from mambaout.bench.harness import (
 )
 from mambaout.bench.paths import inference_paths, lever_paths, onnx_paths, train_paths
 from mambaout.errors import UserError
+from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
 from mambaout.models import create_model, get_spec, model_complexity
 
 __all__ = ["DTYPES", "BenchSettings", "matmul_peak_gflops", "run_benchmark"]
@@ -44,6 +45,8 @@ class BenchSettings:
         device: "cpu" or "cuda".
         threads: Intra-op threads (torch and ONNX Runtime); None keeps PyTorch's default.
         micro_batch: Our paths' micro-batch; None for automatic.
+        malloc: "tuned" (`tune_cpu_allocator` first, so that no path pays page faults for its large tensors on
+            every call) or "system" (the allocator as the process has it); the table names the one in use.
         seed: Seed of the random weights and images.
     """
 
@@ -61,6 +64,7 @@ class BenchSettings:
     device: str = "cpu"
     threads: int | None = None
     micro_batch: int | None = None
+    malloc: str = MALLOC_MODES[0]
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +84,8 @@ class BenchSettings:
             raise UserError(f"--threads must be at least 1, got {self.threads}")
         if self.micro_batch is not None and self.micro_batch < 1:
             raise UserError(f"--micro-batch must be at least 1, got {self.micro_batch}")
+        if self.malloc not in MALLOC_MODES:
+            raise UserError(f"--malloc {self.malloc}: choose one of {', '.join(MALLOC_MODES)}")
         if not self.device.startswith(("cpu", "cuda")):
             raise UserError(f"--device {self.device}: choose cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -104,6 +110,8 @@ class BenchSettings:
             args += ["--threads", str(self.threads)]
         if self.micro_batch is not None:
             args += ["--micro-batch", str(self.micro_batch)]
+        if self.malloc != MALLOC_MODES[0]:
+            args += ["--malloc", self.malloc]
         return shlex.join(args)
 
 
@@ -141,6 +149,8 @@ def run_benchmark(settings: BenchSettings) -> str:
     """Measure the paths `settings` asks for and return the Markdown section (heading, context, table, notes)."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
+    if settings.malloc == "tuned":
+        tune_cpu_allocator()
     torch.manual_seed(settings.seed)
     dtype = DTYPES[settings.dtype]
     device = torch.device(settings.device)

@@ -10,9 +10,12 @@ import sys
 from typing import NoReturn
 
 from mambaout.errors import UserError
+from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
 
 # each is the module mambaout.cli.<name>; its docstring's first line is its help text
 SUBCOMMANDS = ("models", "convert", "train", "eval", "predict", "plot", "bench", "export")
+# the subcommands that run models, so that glibc's malloc may keep their large CPU tensors' memory for reuse
+MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,12 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
         summary = (module.__doc__ or "").strip().splitlines()[0]
         p = sub.add_parser(name, help=summary, description=module.__doc__)
         module.add_arguments(p)
+        if name in MALLOC_SUBCOMMANDS:
+            p.add_argument(
+                "--malloc",
+                choices=MALLOC_MODES,
+                default=MALLOC_MODES[0],
+                help="tuned (default): glibc's malloc keeps freed memory for reuse, which saves page faults on large "
+                "CPU batches (resident memory then does not shrink after a peak); system: leave it alone",
+            )
         p.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "malloc", None) == "tuned":
+        tune_cpu_allocator()
     try:
         return int(args.run(args) or 0)
     except UserError as e:

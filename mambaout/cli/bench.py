@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         micro_batch=args.micro_batch,
+        malloc=args.malloc,
     )
     table = run_benchmark(settings)
     print(table)

@@ -186,7 +186,10 @@ def export_model(
     other = (img_size[0] + SIZE_MULTIPLE, max(SIZE_MULTIPLE, img_size[1] - SIZE_MULTIPLE))
     if not multiple_only:
         other = (other[0] + 8, other[1] + 8)  # sizes that are no multiple of the stride must work too
-    graph = optimize_for_inference(model).model if fused and isinstance(model, MambaOut) else model
+    graph = model
+    if fused and isinstance(model, MambaOut):
+        # files keep the default weight layout (torch.export's packaging expects it); channels-last is a runtime choice
+        graph = optimize_for_inference(model).model.to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         if fmt == "onnx":

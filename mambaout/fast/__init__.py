@@ -1,8 +1,9 @@
 """The fused inference path (and the training-step levers): same function as `mambaout.models`, held to it by tests."""
 
+from mambaout.fast.allocator import cpu_allocator, tune_cpu_allocator
 from mambaout.fast.fused import FusedGatedCNNBlock
 from mambaout.fast.kernels import REFERENCE_ENV, KernelSet, select_kernels
-from mambaout.fast.optimize import FastMambaOut, auto_micro_batch, optimize_for_inference
+from mambaout.fast.optimize import FastMambaOut, auto_micro_batch, micro_batches, optimize_for_inference
 
 __all__ = [
     "REFERENCE_ENV",
@@ -10,6 +11,9 @@ __all__ = [
     "FusedGatedCNNBlock",
     "KernelSet",
     "auto_micro_batch",
+    "cpu_allocator",
+    "micro_batches",
     "optimize_for_inference",
     "select_kernels",
+    "tune_cpu_allocator",
 ]

@@ -19,7 +19,7 @@ from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
 from mambaout.models import MambaOut
 
-__all__ = ["FastMambaOut", "auto_micro_batch", "optimize_for_inference"]
+__all__ = ["FastMambaOut", "auto_micro_batch", "micro_batches", "optimize_for_inference"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # Bytes of activations one stage's micro-batch may hold. A block keeps ~7 values of width C per pixel alive
@@ -51,11 +51,21 @@ def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.
     return sizes
 
 
+def micro_batches(x: torch.Tensor, limit: int) -> tuple[torch.Tensor, ...]:
+    """`x` split along dim 0 into the fewest pieces of at most `limit`, as even as possible (views, no copy).
+
+    Even pieces keep every piece's matrices equally tall: 32 images at a limit of 31 become 16 + 16, not 31 + 1.
+    """
+    pieces = -(-x.shape[0] // max(limit, 1))
+    base, extra = divmod(x.shape[0], pieces)
+    return x.split([base + 1] * extra + [base] * (pieces - extra))
+
+
 def _in_chunks(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
-    """`fn` over `x` in pieces of `chunk` along the batch, concatenated (`fn` is per-image, so this is `fn(x)`)."""
+    """`fn` over `x` in micro-batches of at most `chunk`, concatenated (`fn` is per-image, so this is `fn(x)`)."""
     if chunk >= x.shape[0]:
         return fn(x)
-    return torch.cat([fn(part) for part in x.split(chunk)])
+    return torch.cat([fn(part) for part in micro_batches(x, chunk)])
 
 
 class FastMambaOut(nn.Module):
@@ -218,6 +228,7 @@ def optimize_for_inference(
         for j, block in enumerate(blocks):
             if can_fuse(block):
                 blocks[j] = FusedGatedCNNBlock(block, dtype, kernels)
-    fast = fast.to(dtype)
+    # channels-last conv weights: oneDNN's NHWC convolution would otherwise reorder them on every call
+    fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
     fast.requires_grad_(False)
     return FastMambaOut(fast, dtype, micro_batch, compile).eval()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.fast.fused import can_fuse
+from mambaout.fast.optimize import micro_batches
 from mambaout.layers import GatedCNNBlock
 
 __all__ = [
@@ -161,7 +162,7 @@ def make_train_step(
         split = config.split_linears if config.split_linears is not None else images.device.type == "cpu"
         blocks = split_linear_blocks(model) if split else contextlib.nullcontext()
         with blocks:
-            for part, part_targets in zip(images.split(chunk), targets.split(chunk), strict=True):
+            for part, part_targets in zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True):
                 with autocast(images.device, config.amp_dtype):
                     loss = loss_fn(model(part), part_targets)
                 # weight by the micro-batch's share, so the summed gradient is the batch-mean gradient

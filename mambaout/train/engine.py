@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mambaout.errors import UserError
+from mambaout.fast.optimize import micro_batches
 from mambaout.fast.train_step import autocast, split_linear_blocks
 from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
@@ -198,7 +199,7 @@ def _forward_backward(
     """
     model = parts.model
     chunk = parts.micro_batch or len(images)
-    pieces = list(zip(images.split(chunk), targets.split(chunk), strict=True))
+    pieces = list(zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True))
     total = torch.zeros((), dtype=torch.float64, device=images.device)  # one host sync per batch, not per piece
     for k, (part, part_targets) in enumerate(pieces):
         # gradients are all-reduced only in the last backward pass of an optimizer step

@@ -6,7 +6,7 @@ of 32 (`torch.export` needs the size expressed as a multiple of a symbol). After
 was traced with; its outputs must match the PyTorch model's to `atol`. The output is written atomically: a failed
 export or verification leaves an existing file as it was.
 
-By default a `MambaOut` is written as its fused inference graph (`optimize_for_inference`'s blocks: folded norms,
+By default a `MambaOut` is written as its fused inference graph (`optimize_for_inference`'s blocks: folded LayerScale,
 no split/cat copies), which ONNX Runtime runs 1.2-1.3× faster at batch 16 than the reference graph; the file is
 still verified against the reference model.
 """

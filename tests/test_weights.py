@@ -26,6 +26,7 @@ from mambaout.weights import (
     save_state_dict,
 )
 from mambaout.weights.download import cache_path
+from mambaout.weights.io import atomic_write
 
 TINY = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32))
 RW = dict(stem_mid_norm=False, downsample_norm_first=True, ls_init_value=1e-6, head_hidden_norm=False)
@@ -197,6 +198,13 @@ def test_save_state_dict_is_atomic(tmp_path, monkeypatch):
         save_state_dict(tiny_model().state_dict(), path)
     assert path.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["weights.pth"]
+
+
+def test_atomic_write_into_a_missing_folder_is_a_user_error(tmp_path):
+    with pytest.raises(UserError) as e, atomic_write(tmp_path / "nope" / "predictions.json") as f:
+        f.write(b"never")
+    assert_one_line(e, "cannot write")
+    assert os.listdir(tmp_path) == []
 
 
 def test_save_state_dict_into_a_missing_folder(tmp_path):

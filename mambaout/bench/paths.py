@@ -155,14 +155,14 @@ def train_paths(
         twin_opt.step()
         twin_opt.zero_grad(set_to_none=True)
 
-    def ours(**levers) -> Callable[[], float]:
+    def ours(**step_options) -> Callable[[], float]:
         copy_ = copy.deepcopy(model).train()
         amp = None if dtype == torch.float32 else dtype
         step = make_train_step(
             copy_,
             fused_adamw(copy_.parameters(), lr=1e-4, weight_decay=0.05),
             loss_fn,
-            TrainStepConfig(amp_dtype=amp, **levers),
+            TrainStepConfig(amp_dtype=amp, **step_options),
         )
         return lambda: step(x, targets)
 

@@ -67,10 +67,12 @@ def tune_cpu_allocator(threshold_bytes: int = 2**30) -> bool:
     global _tuned_bytes
     if threshold_bytes < 1:
         raise ValueError(f"threshold_bytes must be positive, got {threshold_bytes}")
+    value = ctypes.c_int(min(threshold_bytes, 2**31 - 1))
+    if _tuned_bytes == value.value:  # already tuned so (the CLI and run_benchmark may both ask)
+        return True
     libc = _glibc()
     if libc is None or _preloaded_allocator() is not None:
         return False
-    value = ctypes.c_int(min(threshold_bytes, 2**31 - 1))
     if not (libc.mallopt(_M_MMAP_THRESHOLD, value) and libc.mallopt(_M_TRIM_THRESHOLD, value)):
         return False
     _tuned_bytes = value.value

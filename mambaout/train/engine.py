@@ -166,7 +166,13 @@ def train_one_epoch(
                 if parts.mixup is not None:
                     images, targets = parts.mixup(images, targets)
                 last_micro = micro == parts.accum_steps - 1
-                loss_sum = _forward_backward(parts, images, targets, last_micro, epoch, progress, num_updates)
+                loss_sum = _forward_backward(parts, images, targets, last_micro)
+                if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing changed or was saved
+                    raise NonFiniteLoss(
+                        f"loss is {loss_sum / len(images)} at epoch {epoch + 1}, step {progress.updates + 1} of "
+                        f"{num_updates} (run step {parts.step + 1}); stopped without saving, so the last checkpoint "
+                        "is the last good state: resume from it with a lower --lr, --clip-grad or --amp none"
+                    )
                 progress.loss_sum += loss_sum
                 progress.samples += len(images)
             _optimizer_step(parts)
@@ -188,9 +194,6 @@ def _forward_backward(
     images: torch.Tensor,
     targets: torch.Tensor,
     last_micro: bool,
-    epoch: int,
-    progress: EpochProgress,
-    num_updates: int,
 ) -> float:
     """Forward and backward of one loaded batch in pieces of `parts.micro_batch`; returns the batch's loss sum.
 
@@ -210,14 +213,7 @@ def _forward_backward(
             scaled = loss * (len(part) / len(images) / parts.accum_steps)
             (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
         total += loss.detach().double() * len(part)
-    loss_sum = total.item()
-    if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing has changed or been saved
-        raise NonFiniteLoss(
-            f"loss is {loss_sum / len(images)} at epoch {epoch + 1}, step {progress.updates + 1} of {num_updates} "
-            f"(run step {parts.step + 1}); stopped without saving, so the last checkpoint is the last "
-            "good state: resume from it with a lower --lr, --clip-grad or --amp none"
-        )
-    return loss_sum
+    return total.item()
 
 
 def _optimizer_step(parts: TrainParts) -> None:

@@ -146,11 +146,15 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
     Readers see either the old file or the complete new one, never a partial write; if the block raises, the
     temporary file is removed and an existing `path` is untouched. The temporary name keeps `path`'s suffix (some
-    writers and loaders go by it, e.g. torch.export's `.pt2`).
+    writers and loaders go by it, e.g. torch.export's `.pt2`). A folder that is missing or not writable raises a
+    `UserError` naming `path`.
     """
     tmp = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
-    # mode 0o666 lets the umask apply, as for a plain open(); tempfile.mkstemp would leave the file owner-only
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    try:
+        # mode 0o666 lets the umask apply, as for a plain open(); tempfile.mkstemp would leave the file owner-only
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except OSError as e:  # a missing or read-only folder: the user's path, so one line naming it
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from e
     try:
         yield tmp
         with open(tmp, "rb+") as f:

@@ -1,0 +1,229 @@
+"""The CPU probes behind BENCHMARKS.md's "allocator" and "what limits it" findings, each rerunnable.
+
+`mambaout bench` compares whole paths; these probes isolate one question each and print a Markdown table. Every
+timing is the median of interleaved calls (`mambaout.bench.measure`), in one process unless said otherwise.
+
+  allocator   timm eager vs ours in fresh processes, glibc's default malloc and tuned, taking turns
+  profile     self time per operator kind (torch.profiler), timm eager vs ours
+  layernorm   F.layer_norm with and without an affine (PyTorch's CPU kernel is slower without)
+  ln-fold     ours as built vs ours with the LayerNorm affine folded into fc1 (the earlier form)
+  fc1         fc1 as three oneDNN GEMMs (ours) vs one GEMM plus the GELU pass and conv-input copy it then needs
+  dwconv      the 7x7 depthwise conv: oneDNN vs 49 shifted multiply-adds compiled by inductor
+
+Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system]
+"""
+
+import argparse
+import copy
+import subprocess
+import sys
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import mambaout
+from mambaout.bench import BenchPath, measure
+from mambaout.bench.paths import timm_twin
+from mambaout.fast import FusedGatedCNNBlock
+
+# torch.profiler operator name -> kind
+KINDS = {
+    "addmm": "GEMM",
+    "mm": "GEMM",
+    "_linear_pointwise": "GEMM",
+    "mkldnn_convolution": "conv",
+    "gelu": "GELU",
+    "native_layer_norm": "LayerNorm",
+    "copy_": "copies",
+    "cat": "cat",
+    "mul": "mul",
+    "mul_": "mul",
+    "add": "add",
+    "add_": "add",
+}
+
+
+def median_ms(paths: list[BenchPath], repeats: int) -> dict[str, float]:
+    return {r.name: r.quantile_ms(0.5) for r in measure(paths, repeats=repeats, warmup=2, iters=1)}
+
+
+def models(batch_size: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """timm's femto and ours (`optimize_for_inference`) with the same random weights, and a batch of images."""
+    torch.manual_seed(0)
+    ref = mambaout.create_model("mambaout_femto").eval()
+    return timm_twin(ref, "mambaout_femto"), mambaout.optimize_for_inference(ref), torch.randn(batch_size, 3, 224, 224)
+
+
+def allocator(args: argparse.Namespace) -> None:
+    print("| allocator | timm eager img/s | ours img/s | ours / timm |\n|---|---|---|---|")
+    for _ in range(args.pairs):
+        for mode in ("system", "tuned"):
+            child = [sys.executable, __file__, "_pair", "--malloc", mode, "--batch-size", str(args.batch_size)]
+            child += ["--repeats", str(args.repeats)]
+            print(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip(), flush=True)
+
+
+def _pair(args: argparse.Namespace) -> None:
+    baseline, ours, x = models(args.batch_size)
+    with torch.inference_mode():
+        ms = median_ms([BenchPath("timm", lambda: baseline(x)), BenchPath("ours", lambda: ours(x))], args.repeats)
+    ips = {k: args.batch_size / v * 1e3 for k, v in ms.items()}
+    print(
+        f"| {mambaout.fast.cpu_allocator()} | {ips['timm']:.2f} | {ips['ours']:.2f} | {ips['ours'] / ips['timm']:.2f} |"
+    )
+
+
+def profile_kinds(args: argparse.Namespace) -> None:
+    baseline, ours, x = models(args.batch_size)
+    table = {}
+    for name, model in (("timm eager", baseline), ("ours", ours)):
+        with torch.inference_mode():
+            model(x)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(args.repeats):
+                    model(x)
+        kinds = defaultdict(float)
+        for event in prof.key_averages():
+            kinds[KINDS.get(event.key.split("::")[-1], "other")] += event.self_cpu_time_total / 1e3 / args.repeats
+        table[name] = kinds
+    print(f"ms per forward, femto batch {args.batch_size}, {mambaout.fast.cpu_allocator()}\n")
+    print("| kind | timm eager | ours |\n|---|---|---|")
+    total = {name: sum(kinds.values()) for name, kinds in table.items()}
+    for kind in sorted(set(KINDS.values()) | {"other"}, key=lambda k: -table["timm eager"][k]):
+        cells = [f"{table[n][kind]:.0f} ({100 * table[n][kind] / total[n]:.0f}%)" for n in table]
+        print(f"| {kind} | {' | '.join(cells)} |")
+    print(f"| whole forward | {total['timm eager']:.0f} | {total['ours']:.0f} |")
+
+
+def layernorm(args: argparse.Namespace) -> None:
+    print("| input | no affine (ms) | affine (ms) |\n|---|---|---|")
+    with torch.inference_mode():
+        for rows, dim in ((21952, 48), (11760, 96), (6076, 192), (1568, 288)):
+            x, w, b = torch.randn(rows, dim), torch.ones(dim), torch.zeros(dim)
+            ms = median_ms(
+                [
+                    BenchPath("plain", lambda x=x, d=dim: F.layer_norm(x, (d,), eps=1e-6)),
+                    BenchPath("affine", lambda x=x, d=dim, w=w, b=b: F.layer_norm(x, (d,), w, b, 1e-6)),
+                ],
+                args.repeats,
+            )
+            print(f"| [{rows}, {dim}] | {ms['plain']:.3f} | {ms['affine']:.3f} |")
+
+
+def _fold_layernorm(fast: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `fast` whose blocks fold the LayerNorm affine into fc1's three linears and normalize without one."""
+    folded = copy.deepcopy(fast)
+    for block in folded.modules():
+        if isinstance(block, FusedGatedCNNBlock):
+            gamma, beta = block.norm_weight.double(), block.norm_bias.double()
+            for name in ("gate", "ident", "conv_in"):
+                weight = getattr(block, f"{name}_weight").double()
+                getattr(block, f"{name}_bias").copy_(getattr(block, f"{name}_bias").double() + weight @ beta)
+                getattr(block, f"{name}_weight").copy_(weight * gamma)
+            block.norm_weight, block.norm_bias = None, None
+    return folded
+
+
+def ln_fold(args: argparse.Namespace) -> None:
+    _, ours, x = models(args.batch_size)
+    folded = _fold_layernorm(ours)
+    with torch.inference_mode():
+        diff = (ours(x) - folded(x)).abs().max().item()
+        ms = median_ms([BenchPath("kept", lambda: ours(x)), BenchPath("folded", lambda: folded(x))], args.repeats)
+    print(f"femto batch {args.batch_size}, {mambaout.fast.cpu_allocator()}; max abs logit difference {diff:.1e}\n")
+    print("| LayerNorm affine | img/s |\n|---|---|")
+    for name, v in ms.items():
+        print(f"| {name} | {args.batch_size / v * 1e3:.2f} |")
+
+
+def fc1(args: argparse.Namespace) -> None:
+    linear = torch.ops.mkldnn._linear_pointwise
+    print("| input | three GEMMs (ms) | one GEMM (ms) | one GEMM + GELU + conv copy (ms) |\n|---|---|---|---|")
+    with torch.inference_mode():
+        for rows, dim, hidden, ident in ((18816, 48, 128, 80), (8624, 96, 256, 160)):
+            x = torch.randn(rows, dim)
+            ws = [torch.randn(n, dim) for n in (hidden, ident, dim)]
+            bs = [torch.randn(n) for n in (hidden, ident, dim)]
+            w, b = torch.cat(ws), torch.cat(bs)
+
+            def three(x=x, ws=ws, bs=bs):
+                return linear(x, ws[0], bs[0], "gelu", [], "none"), *(
+                    linear(x, ws[k], bs[k], "none", [], "") for k in (1, 2)
+                )
+
+            def one_and_passes(x=x, w=w, b=b, hidden=hidden, ident=ident):
+                y = linear(x, w, b, "none", [], "")
+                return F.gelu(y[:, :hidden]), y[:, hidden + ident :].contiguous()
+
+            ms = median_ms(
+                [
+                    BenchPath("three", three),
+                    BenchPath("one", lambda x=x, w=w, b=b: linear(x, w, b, "none", [], "")),
+                    BenchPath("one+", one_and_passes),
+                ],
+                args.repeats,
+            )
+            print(f"| [{rows}, {dim}] | {ms['three']:.2f} | {ms['one']:.2f} | {ms['one+']:.2f} |")
+
+
+def _taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """7x7 depthwise conv of `[B, H, W, C]` by `[7, 7, C]` taps as 49 shifted multiply-adds."""
+    height, width = x.shape[1:3]
+    padded = F.pad(x, (0, 0, 3, 3, 3, 3))
+    out = bias.expand_as(x)
+    for i in range(7):
+        for j in range(7):
+            out = out + padded[:, i : i + height, j : j + width] * weight[i, j]
+    return out
+
+
+def dwconv(args: argparse.Namespace) -> None:
+    compiled = torch.compile(_taps, dynamic=False)
+    print("| input [B, C, H, W] | oneDNN (ms, GFLOP/s) | inductor taps (ms, GFLOP/s) |\n|---|---|---|")
+    with torch.inference_mode():
+        for batch, ch, size in ((1, 48, 56), (1, 192, 14), (7, 48, 56), (15, 96, 28), (31, 192, 14), (32, 288, 7)):
+            nhwc, weight, bias = torch.randn(batch, size, size, ch), torch.randn(ch, 1, 7, 7), torch.randn(ch)
+            nchw, taps = nhwc.permute(0, 3, 1, 2), weight[:, 0].permute(1, 2, 0).contiguous()  # channels-last view
+            torch.testing.assert_close(
+                compiled(nhwc, taps, bias), F.conv2d(nchw, weight, bias, padding=3, groups=ch).permute(0, 2, 3, 1)
+            )
+            ms = median_ms(
+                [
+                    BenchPath("onednn", lambda a=nchw, w=weight, b=bias, c=ch: F.conv2d(a, w, b, padding=3, groups=c)),
+                    BenchPath("taps", lambda a=nhwc, w=taps, b=bias: compiled(a, w, b)),
+                ],
+                args.repeats,
+            )
+            gflop = 2 * batch * ch * size * size * 49 / 1e6
+            cells = [f"{ms[k]:.3f}, {gflop / ms[k]:.1f}" for k in ("onednn", "taps")]
+            print(f"| [{batch}, {ch}, {size}, {size}] | {' | '.join(cells)} |")
+
+
+PROBES = {
+    "allocator": allocator,
+    "_pair": _pair,
+    "profile": profile_kinds,
+    "layernorm": layernorm,
+    "ln-fold": ln_fold,
+    "fc1": fc1,
+    "dwconv": dwconv,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("probe", choices=[p for p in PROBES if not p.startswith("_")] + ["_pair"])
+    parser.add_argument("--batch-size", type=int, default=32, help="images per call (32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per path (5)")
+    parser.add_argument("--pairs", type=int, default=3, help="allocator: process pairs (3)")
+    parser.add_argument("--malloc", choices=mambaout.fast.allocator.MALLOC_MODES, default="tuned")
+    args = parser.parse_args()
+    if args.malloc == "tuned":
+        mambaout.tune_cpu_allocator()
+    PROBES[args.probe](args)
+
+
+if __name__ == "__main__":
+    main()

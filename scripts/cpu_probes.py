@@ -4,7 +4,7 @@
 timing is the median of interleaved calls (`mambaout.bench.measure`), in one process unless said otherwise.
 
   allocator   timm eager vs ours in fresh processes, glibc's default malloc and tuned, taking turns
-  profile     self time per operator kind (torch.profiler), timm eager vs ours
+  profile     self time per operator kind (torch.profiler), timm eager vs ours, profiled in turns
   layernorm   F.layer_norm with and without an affine (PyTorch's CPU kernel is slower without)
   ln-fold     ours as built vs ours with the LayerNorm affine folded into fc1 (the earlier form)
   fc1         fc1 as three oneDNN GEMMs (ours) vs one GEMM plus the GELU pass and conv-input copy it then needs
@@ -77,17 +77,18 @@ def _pair(args: argparse.Namespace) -> None:
 
 def profile_kinds(args: argparse.Namespace) -> None:
     baseline, ours, x = models(args.batch_size)
-    table = {}
-    for name, model in (("timm eager", baseline), ("ours", ours)):
-        with torch.inference_mode():
+    paths = [("timm eager", baseline), ("ours", ours)]
+    table = {name: defaultdict(float) for name, _ in paths}
+    with torch.inference_mode():
+        for _, model in paths:
             model(x)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(args.repeats):
+        for r in range(args.repeats):  # one profiled call per path per round, in turns, so load falls on both alike
+            for name, model in paths[r % 2 :] + paths[: r % 2]:
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
                     model(x)
-        kinds = defaultdict(float)
-        for event in prof.key_averages():
-            kinds[KINDS.get(event.key.split("::")[-1], "other")] += event.self_cpu_time_total / 1e3 / args.repeats
-        table[name] = kinds
+                for event in prof.key_averages():
+                    kind = KINDS.get(event.key.split("::")[-1], "other")
+                    table[name][kind] += event.self_cpu_time_total / 1e3 / args.repeats
     print(f"ms per forward, femto batch {args.batch_size}, {mambaout.fast.cpu_allocator()}\n")
     print("| kind | timm eager | ours |\n|---|---|---|")
     total = {name: sum(kinds.values()) for name, kinds in table.items()}

@@ -4,7 +4,7 @@ PyTorch allocates CPU tensors with the C library's malloc. glibc serves a block 
 start, raised as such blocks are freed, to at most 32 MiB) with fresh pages from `mmap` and unmaps it on `free`, and
 it returns the top of its heap to the OS above a trim threshold. A MambaOut forward at batch 32 and 224² makes
 intermediates of ~100 MiB, so with the defaults every call page-faults them in again (the kernel zeroes each page).
-Measured on the 2-core dev machine (BENCHMARKS.md, "The allocator"): timm's femto runs ~1.5× faster at batch 32
+Measured on the 2-core dev machine (BENCHMARKS.md, "The allocator"): timm's femto runs 1.3-1.8× faster at batch 32
 (inference and training step) once glibc keeps its memory; our fused path, whose micro-batches keep activations
 small, gains little. jemalloc and tcmalloc (`LD_PRELOAD`) keep memory by design.
 

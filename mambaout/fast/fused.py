@@ -6,7 +6,7 @@ multiplies by the gate. This block computes the same function as follows (N = BÂ
 channels, `cc` conv channels, h = hi + cc):
 
 1. LayerScale is folded into fc2. The LayerNorm keeps its affine: PyTorch's CPU LayerNorm runs 2-3Ã— faster with
-   an affine than without (measured with torch 2.14.1, BENCHMARKS.md), so folding it into fc1 would cost time.
+   an affine than without (torch 2.14.1, `scripts/cpu_probes.py layernorm`), so folding it into fc1 gains nothing.
 2. fc1 is split by rows into three linears: gate (h outputs, activation fused in), identity (hi) and conv (cc).
    The conv input then has its own dense `[B, H, W, cc]` buffer, which the depthwise conv reads as a channels-last
    NCHW view without a copy.

@@ -91,11 +91,11 @@ def test_run_benchmark_tiny(kwargs, expected):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
         (["--model", "mambaout_femtoo"], "did you mean 'mambaout_femto'"),
         (["--onnx", "--dtype", "bf16"], "--onnx times fp32 inference"),
         (["--levers", "--dtype", "bf16"], "--levers times fp32 inference levers"),
-        (["--device", "tpu"], "choose cpu or cuda"),
+        (["--device", "tpu"], "unknown device"),
     ],
 )
 def test_cli_bad_flags_are_one_line_errors(argv, message, capsys):

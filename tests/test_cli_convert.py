@@ -107,9 +107,10 @@ def test_failed_convert_is_one_line_and_leaves_dst_alone(femto, tmp_path, capsys
     _, src = femto
     monkeypatch.chdir(tmp_path)
     Path("notes.txt").write_text("not weights\n")
-    Path("out.pth").write_bytes(b"an older conversion")
+    torch.save({"older": torch.zeros(3)}, "out.pth")  # an older conversion
+    before = Path("out.pth").read_bytes()
     argv, message = FAILURES[case]
     assert main(["convert", *argv(tmp_path, str(src))]) == 2
     assert_one_error_line(capsys, message)
-    assert Path("out.pth").read_bytes() == b"an older conversion"
+    assert Path("out.pth").read_bytes() == before
     assert not [name for name in os.listdir() if ".tmp" in name]

@@ -3,6 +3,9 @@
 import csv
 import io
 import json
+import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -136,7 +139,8 @@ def test_predict_errors_are_one_line(trained, tmp_path, capsys):
     (tmp_path / "a.txt").write_text("x")
     line = _one_line_error(capsys, main(["predict", str(tmp_path / "a.txt"), "--checkpoint", str(run / "best.pth")]))
     assert "no readable image" in line
-    line = _one_line_error(capsys, main(["predict", str(tmp_path), "--checkpoint", str(tmp_path / "a.txt")]))
+    image = write_image(tmp_path / "x.png", 0)
+    line = _one_line_error(capsys, main(["predict", str(image), "--checkpoint", str(tmp_path / "a.txt")]))
     assert "--model is needed" in line or "not a PyTorch" in line
 
 
@@ -151,7 +155,64 @@ def test_plot_draws_the_curves(trained, tmp_path, capsys):
 
 
 def test_help_documents_the_lr_rule_and_fine_tuning(capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
+    assert main(["train", "--help"]) == 0
     text = capsys.readouterr().out
     assert "per 1024 images of global batch" in text and "--pretrained official" in text and "--resume" in text
+
+
+# --- evaluation folders matched by name, results kept, names that are not UTF-8 ------------------------------------
+
+
+def test_eval_matches_folders_by_name_and_refuses_unknown_ones(trained, tmp_path, capsys):
+    tree, run = trained
+    best = str(run / "best.pth")
+    shutil.copytree(tree / "val" / "dog", tmp_path / "only_dog" / "dog")  # one folder: sorted position 0 is "cat"
+    assert main(["eval", "--checkpoint", best, "--data", str(tmp_path / "only_dog"), "--workers", "0"]) == 0
+    record = json.loads((run / "best.eval.json").read_text())
+    assert record["images"] == 4 and record["top1"] == 100.0  # labelled dog, as the model says
+    shutil.copytree(tree / "val" / "fox", tmp_path / "zoo" / "zebra")
+    shutil.copytree(tree / "val" / "dog", tmp_path / "zoo" / "dog")
+    line = _one_line_error(capsys, main(["eval", "--checkpoint", best, "--data", str(tmp_path / "zoo")]))
+    assert "class folders the model does not know: zebra" in line and "--class-map" in line
+    argv = ["eval", "--checkpoint", best, "--data", str(tmp_path / "zoo"), "--workers", "0", "--json"]
+    assert main([*argv, str(tmp_path / "zoo.json"), "--class-map", "zebra=fox"]) == 0
+    assert json.loads((tmp_path / "zoo.json").read_text())["top1"] == 100.0
+    assert main([*argv, str(tmp_path / "root.json"), "--data", str(tree)]) == 0  # a dataset root: its val/
+    record = json.loads((tmp_path / "root.json").read_text())
+    assert record["data"] == str(tree / "val") and record["images"] == 12
+
+
+def test_eval_prints_its_figures_even_when_the_results_file_fails(trained, tmp_path, capsys):
+    _, run = trained
+    code = main(
+        ["eval", "--checkpoint", str(run / "best.pth"), "--workers", "0", "--json", str(tmp_path / "no/e.json")]
+    )
+    captured = capsys.readouterr()
+    assert code == 2 and "top-1 100.00%" in captured.out and "cannot write" in captured.err
+
+
+def test_predict_writes_names_that_are_not_utf8_back_as_their_bytes(trained, tmp_path):
+    _, run = trained
+    folder = os.fsencode(tmp_path / "photos")
+    os.mkdir(folder)
+    name = os.path.join(folder, b"caf\xe9.png")  # Latin-1, as old cameras and archives write
+    write_image(Path(os.fsdecode(name)), 0)
+    out = tmp_path / "p.csv"
+    assert (
+        main(["predict", os.fsdecode(folder), "--checkpoint", str(run / "best.pth"), "--csv", "--output", str(out)])
+        == 0
+    )
+    assert b"caf\xe9.png" in out.read_bytes()
+
+
+def test_plot_and_resume_skip_a_damaged_metrics_line(trained, tmp_path, capsys):
+    _, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with (copy / "metrics.jsonl").open("ab") as f:
+        f.write(b'{"epoch": 4, "train_loss": \xff\xfe cut')
+    assert main(["plot", str(copy), "--output", str(tmp_path / "c.png")]) == 0
+    assert "skipped 1 damaged lines" in capsys.readouterr().err
+    assert main(["train", "--output", str(copy), "--resume", "auto", "--epochs", "4", "--workers", "0"]) == 0
+    lines = (copy / "metrics.jsonl").read_bytes().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]

@@ -1,5 +1,7 @@
 """mambaout.data: every image mode converted, bad files skipped and reported once, the digits tree, samplers."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -165,7 +167,7 @@ def test_image_files_and_listing(tmp_path):
     (tmp_path / "d" / "sub").mkdir()
     nested = write_image(tmp_path / "d" / "sub" / "n.jpg", 0)
     (tmp_path / "d" / "readme.md").write_text("x")
-    assert list_images([tmp_path / "d"]) == sorted([*paths, nested])
+    assert list_images([tmp_path / "d"]) == (sorted([*paths, nested]), [])
     with pytest.raises(FileNotFoundError):
         list_images([tmp_path / "nope.png"])
     files = ImageFiles([(str(p), i) for i, p in enumerate(paths)], substitute=False)
@@ -210,3 +212,61 @@ def test_resumable_sampler_skips_exactly_what_was_seen():
 def test_shard_sampler_covers_every_sample_once():
     shards = [list(ShardSampler(range(11), 3, r)) for r in range(3)]
     assert sorted(i for shard in shards for i in shard) == list(range(11))
+
+
+# --- symbolic links, orientation, permissions (hostile trees) -----------------------------------------------------
+
+
+def test_symlink_loops_and_links_into_other_classes_are_skipped(tmp_path):
+    tree = make_tree(tmp_path / "data", classes=("cat", "dog"), train=3, val=1)
+    store = tmp_path / "store"  # a central image store outside the dataset, as split-by-links trees use
+    outside = [write_image(store / "s0.png", 0, seed=50)]
+    write_image(store / "s1.png", 0, seed=51)
+    cat = tree / "train" / "cat"
+    (cat / "loop").symlink_to("..")  # train/: would bring dog's images in as cats, and loop
+    (cat / "self").symlink_to(".")
+    (cat / "dogs").symlink_to("../dog")
+    (cat / "a_dog.png").symlink_to(tree / "train" / "dog" / "000.png")
+    (cat / "again.png").symlink_to(cat / "000.png")  # the same real file twice
+    (cat / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    (cat / "store").symlink_to(store)
+    (cat / "store_file.png").symlink_to(outside[0])
+    dataset = RobustImageFolder(tree / "train")
+    cats = sorted(path for path, label in dataset.samples if label == 0)
+    assert len(dataset) == 3 + 2 + 3  # 3 cats, the store's 2 files once each, 3 dogs
+    real = {os.path.realpath(p) for p in cats}
+    assert real == {os.path.realpath(p) for p in [*(cat / f"00{i}.png" for i in range(3)), *outside, store / "s1.png"]}
+    assert all("/dog/" not in p for p in cats)
+    reasons = dict((path.rsplit("/", 1)[1], why) for path, why in dataset.skipped_links)
+    assert "loop" in reasons["loop"] and "loop" in reasons["self"]
+    assert "another part of the dataset" in reasons["dogs"] and "another part of the dataset" in reasons["a_dog.png"]
+    assert reasons["broken.png"] == "broken link"
+    assert "already listed" in reasons["again.png"] or "already listed" in reasons["000.png"]
+    assert "store_file.png" in reasons or "s0.png" in reasons  # one of the two paths to s0.png is listed
+
+
+def test_listing_a_folder_with_a_loop_terminates(tmp_path):
+    image = write_image(tmp_path / "d" / "x.png", 0)
+    (tmp_path / "d" / "up").symlink_to(tmp_path)
+    files, skipped = list_images([tmp_path / "d"])
+    assert files == [image] and [why for _, why in skipped] == ["points to the folder itself or one above it (a loop)"]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    image.save(tmp_path / "phone.jpg", exif=exif)
+    assert load_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_an_unopenable_file_is_reported_as_such(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "locked.png", 0)
+
+    def denied(*args, **kwargs):  # as open() fails for a user without read permission (tests may run as root)
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("mambaout.data.images.open", denied, raising=False)
+    with pytest.raises(UnreadableImage) as e:
+        load_image(path)
+    assert e.value.reason == "cannot open it: Permission denied"

@@ -106,7 +106,7 @@ def test_cli_export_with_a_timm_checkpoint(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--format", "onnx", "--img-size", "16"], "each at least 32"),
+        (["--format", "onnx", "--img-size", "16"], "must be within [32, 4096], got 16"),
         (["--format", "exported-program", "--img-size", "64"], "must end in .pt2"),
         (["--format", "onnx", "--checkpoint", "missing.pth"], "missing.pth"),
     ],

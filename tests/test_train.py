@@ -33,9 +33,7 @@ def test_a_run_learns_and_writes_its_records(tree, tmp_path, capsys):
         assert isinstance(lines[-1][key], float), key
     assert lines[-1]["val_top1"] == 100.0 and lines[-1]["train_loss"] < lines[0]["train_loss"]
     last = read_checkpoint(tmp_path / "run" / "last.pth")  # weights_only=True
-    assert {"model", "ema", "optimizer", "scheduler", "scaler", "rng", "epoch", "step", "config", "class_names"} <= (
-        last.keys()
-    )
+    assert {"model", "ema", "optimizer", "scaler", "rng", "epoch", "step", "config", "class_names"} <= (last.keys())
     assert (last["epoch"], last["step"], last["class_names"], last["model_name"]) == (
         4,
         24,
@@ -93,7 +91,38 @@ def test_nan_loss_stops_and_leaves_the_last_good_checkpoint(tree, tmp_path, monk
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: loss is nan at epoch 2, step 3 of 6")
+    assert f"{tmp_path / 'run' / 'last.pth'} holds the last good state" in err[0]
     assert {name: (tmp_path / "run" / name).read_bytes() for name in records} == before
+
+
+def test_nan_loss_before_any_checkpoint_says_so(tree, tmp_path, monkeypatch, capsys):
+    _NanAfter.calls = 0
+    monkeypatch.setattr(trainer, "LabelSmoothingCrossEntropy", _NanAfter)
+    assert _train(tree, tmp_path / "run", epochs=1) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checkpoint was written yet" in err[0] and "last good state" not in err[0]
+    assert not (tmp_path / "run" / "last.pth").exists()
+
+
+def test_resume_refuses_a_damaged_last_pth_and_offers_best(tree, tmp_path, capsys):
+    assert _train(tree, tmp_path / "run", epochs=2) == 0
+    last = tmp_path / "run" / "last.pth"
+    last.write_bytes(last.read_bytes()[:1000])  # cut short, as by a full disk under another tool
+    code = main(["train", "--output", str(tmp_path / "run"), "--resume", "auto"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "truncated or corrupt" in err[0]
+    assert "best.pth (epoch" in err[0] and "--pretrained" in err[0]
+
+
+def test_resume_may_change_the_schedule_and_says_what_changed(tree, tmp_path, capsys):
+    assert _train(tree, tmp_path / "run", epochs=1) == 0
+    capsys.readouterr()
+    assert main(["train", "--output", str(tmp_path / "run"), "--resume", "auto", "--epochs", "3"]) == 0
+    assert "resuming with changed settings: --epochs 1 -> 3" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    # the cosine runs over the new length: mid-way it is far above the end of the old one-epoch schedule (min_lr)
+    assert lines[0]["lr"] == pytest.approx(1e-5) and lines[1]["lr"] > 10 * lines[0]["lr"]
 
 
 def test_an_existing_run_is_never_overwritten(tree, tmp_path, capsys):

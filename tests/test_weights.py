@@ -3,8 +3,12 @@
 import argparse
 import dataclasses
 import hashlib
+import http.server
 import os
 import pickle
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -328,6 +332,69 @@ def test_download_failure_says_what_to_do(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         read_state_dict((tmp_path / "absent.pth").as_uri())
     assert_one_line(e, "could not download")
+
+
+def test_a_file_url_replaced_at_its_source_is_fetched_again(release):
+    _, release = release
+    first = read_state_dict(release.as_uri())
+    newer = {k: v + 1 for k, v in first.items()}
+    save_state_dict(newer, release)
+    assert_same_tensors(read_state_dict(release.as_uri()), newer)
+
+
+class _CutShort(http.server.BaseHTTPRequestHandler):
+    """Serves the first half of a checkpoint with no Content-Length, then closes: a download cut short unseen."""
+
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(self.body[: len(self.body) // 2])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_download_cut_short_without_a_length_is_not_cached(release):
+    _, release = release
+    _CutShort.body = release.read_bytes()
+    server = http.server.HTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/mambaout_tiny.pth"
+        with pytest.raises(UserError) as e:
+            read_state_dict(url)
+    finally:
+        server.shutdown()
+    assert_one_line(e, url, "not a whole checkpoint", "central directory")
+    assert not cache_path(url).exists() and os.listdir(cache_path(url).parent) == []
+
+
+def test_a_cached_copy_that_went_bad_is_fetched_once_more(release):
+    weights, release = release
+    url = release.as_uri()
+    read_state_dict(url)
+    cached = cache_path(url)
+    cached.write_bytes(cached.read_bytes()[:100])  # damaged in the cache (same name, newer than the source)
+    os.utime(release)  # ... and the source re-touched, so only a failed load can tell
+    assert_same_tensors(convert_state_dict(read_state_dict(url), to="mambaout"), weights)
+    release.write_bytes(b"PK\x03\x04 not really")  # now the source itself is bad: named, nothing cached
+    with pytest.raises(UserError) as e:
+        read_state_dict(url)
+    assert_one_line(e, url)
+    assert not cached.exists()
+
+
+def test_non_finite_weights_are_named_once(tmp_path):
+    weights = tiny_model().state_dict()
+    weights["stages.1.blocks.0.fc1.weight"][0, 0] = float("inf")
+    torch.save(weights, tmp_path / "inf.pth")
+    argv = [sys.executable, "-m", "mambaout", "convert", str(tmp_path / "inf.pth"), str(tmp_path / "out.pth")]
+    done = subprocess.run([*argv, "--to", "timm"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.count("\n") == 1, done.stderr  # one line, in the CLI's own format
+    assert done.stderr.startswith("warning: ") and "non-finite weights" in done.stderr
+    assert "'stages.1.blocks.0.fc1.weight'" in done.stderr
 
 
 def test_unknown_source_name_lists_the_valid_ones():

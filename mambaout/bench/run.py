@@ -19,6 +19,7 @@ from mambaout.bench.paths import inference_paths, lever_paths, onnx_paths, train
 from mambaout.errors import UserError
 from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
 from mambaout.models import create_model, get_spec, model_complexity
+from mambaout.train.distributed import check_device
 
 __all__ = ["DTYPES", "BenchSettings", "matmul_peak_gflops", "run_benchmark"]
 
@@ -86,8 +87,9 @@ class BenchSettings:
             raise UserError(f"--micro-batch must be at least 1, got {self.micro_batch}")
         if self.malloc not in MALLOC_MODES:
             raise UserError(f"--malloc {self.malloc}: choose one of {', '.join(MALLOC_MODES)}")
-        if not self.device.startswith(("cpu", "cuda")):
-            raise UserError(f"--device {self.device}: choose cpu or cuda")
+        if self.device == "auto":
+            raise UserError("--device auto: bench times one named device; choose cpu or cuda")
+        check_device(self.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
         if self.onnx and (self.train or self.dtype != "fp32"):

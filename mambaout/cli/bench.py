@@ -6,9 +6,11 @@ the ratio to timm eager, with the machine, the date and the load average; BENCHM
 """
 
 import argparse
-from pathlib import Path
 
 from mambaout.bench import DTYPES, BenchSettings, run_benchmark
+from mambaout.cli.args import add_force, integer
+from mambaout.outputs import check_output
+from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.weights.io import atomic_path
 
 
@@ -16,10 +18,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchSettings()
     parser.add_argument("--model", default=d.model, metavar="NAME", help=f"variant ({d.model})")
     parser.add_argument(
-        "--batch-size", type=int, default=d.batch_size, metavar="N", help=f"images per call ({d.batch_size})"
+        "--batch-size", type=integer(1), default=d.batch_size, metavar="N", help=f"images per call ({d.batch_size})"
     )
     parser.add_argument(
-        "--img-size", type=int, default=d.img_size, metavar="N", help=f"square input size ({d.img_size})"
+        "--img-size",
+        type=integer(32, MAX_INPUT_SIZE),
+        default=d.img_size,
+        metavar="N",
+        help=f"square input size ({d.img_size})",
     )
     parser.add_argument("--dtype", default=d.dtype, choices=tuple(DTYPES), help="fp32, or bf16 (timm under autocast)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd timm and ours")
@@ -32,16 +38,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="time our levers one at a time (fp32 inference; the training step's with --train)",
     )
-    parser.add_argument("--repeats", type=int, default=d.repeats, metavar="N", help=f"interleaved rounds ({d.repeats})")
-    parser.add_argument("--iters", type=int, default=d.iters, metavar="N", help="timed calls per path per round (1)")
-    parser.add_argument("--warmup", type=int, default=d.warmup, metavar="N", help="untimed calls per path first (1)")
+    parser.add_argument(
+        "--repeats", type=integer(1), default=d.repeats, metavar="N", help=f"interleaved rounds ({d.repeats})"
+    )
+    parser.add_argument(
+        "--iters", type=integer(1), default=d.iters, metavar="N", help="timed calls per path per round (1)"
+    )
+    parser.add_argument(
+        "--warmup", type=integer(0), default=d.warmup, metavar="N", help="untimed calls per path first (1)"
+    )
     parser.add_argument("--device", default=d.device, help="cpu or cuda (cpu)")
-    parser.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: PyTorch's)")
-    parser.add_argument("--micro-batch", type=int, metavar="N", help="our paths' micro-batch (default: automatic)")
+    parser.add_argument("--threads", type=integer(1), metavar="N", help="intra-op threads (default: PyTorch's)")
+    parser.add_argument(
+        "--micro-batch", type=integer(1), metavar="N", help="our paths' micro-batch (default: automatic)"
+    )
     parser.add_argument("--output", metavar="FILE", help="also write the Markdown to FILE (atomically)")
+    add_force(parser, "--output", "a bench table")
 
 
 def run(args: argparse.Namespace) -> int:
+    output = check_output(args.output, "--output", "bench", force=args.force) if args.output else None
     settings = BenchSettings(
         model=args.model,
         batch_size=args.batch_size,
@@ -61,8 +77,7 @@ def run(args: argparse.Namespace) -> int:
     )
     table = run_benchmark(settings)
     print(table)
-    if args.output:
-        output = Path(args.output)
+    if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(output) as tmp:
             tmp.write_text(table)

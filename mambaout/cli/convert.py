@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from mambaout.cli.args import add_force
 from mambaout.errors import UserError
 from mambaout.models import create_model, get_spec
+from mambaout.outputs import check_output
 from mambaout.weights import (
     LAYOUTS,
     checkpoint_num_classes,
@@ -21,6 +23,7 @@ from mambaout.weights import (
     read_state_dict,
     save_state_dict,
 )
+from mambaout.weights.download import is_url
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME", help="check that the weights load strictly into this variant")
     parser.add_argument("--sha256", metavar="HEX", help="expected SHA-256 of SRC")
     parser.add_argument("--ema", action="store_true", help="take the EMA weights of a training checkpoint")
+    add_force(parser, "DST", "a checkpoint file")
 
 
 def _check_fits(name: str, state_dict: dict[str, torch.Tensor], src: str) -> None:
@@ -51,7 +55,8 @@ def _check_fits(name: str, state_dict: dict[str, torch.Tensor], src: str) -> Non
 
 def run(args: argparse.Namespace) -> int:
     layout = "mambaout" if args.to == "safetensors" else args.to
-    dst = Path(args.dst)
+    src = [] if is_url(args.src) else [Path(args.src)]
+    dst = check_output(args.dst, "DST", "checkpoint", inputs=src, force=args.force)
     if args.to == "safetensors" and dst.suffix != ".safetensors":
         raise UserError(f"--to safetensors writes a .safetensors file, but DST is '{dst}'; name it '*.safetensors'")
     if args.model:

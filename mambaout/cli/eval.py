@@ -1,8 +1,12 @@
 """Evaluate a checkpoint on an ImageFolder tree: top-1/top-5, loss, images/s, written as JSON too.
 
+Class folders are matched to the model's classes by name (a run's folder names, or ImageNet's WordNet ids); a
+dataset root holding train/ and val/ is evaluated on val/.
+
 examples:
   mambaout eval --checkpoint runs/digits/best.pth                 # on the run's own val split
   mambaout eval --model mambaout_femto --checkpoint official --data /data/imagenet/val
+  mambaout eval --checkpoint runs/pets/best.pth --data photos --class-map kitty=cat,pup=dog
 """
 
 import argparse
@@ -10,11 +14,14 @@ import json
 import os
 from pathlib import Path
 
+from mambaout.cli.args import add_force, class_map, image_size, integer, number
 from mambaout.errors import UserError
+from mambaout.outputs import check_output
 from mambaout.train.config import AMP_MODES
 from mambaout.train.distributed import init_distributed
 from mambaout.train.engine import resolve_amp
 from mambaout.train.inference import evaluate_folder, load_classifier
+from mambaout.weights.download import is_url
 from mambaout.weights.io import atomic_write
 
 
@@ -22,24 +29,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, or 'official'/'timm'")
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
-    parser.add_argument("--data", help="ImageFolder tree <data>/<class>/<images> (default: a run's own val split)")
-    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
-    parser.add_argument("--input-size", type=int, help="evaluate at this square size (default: the checkpoint's)")
-    parser.add_argument("--crop-pct", type=float, help="center-crop fraction (default: the checkpoint's)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="data loading processes (up to 4)"
+        "--data", help="ImageFolder tree <data>/<class>/<images>, or a dataset root (default: a run's own val split)"
+    )
+    parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
+    parser.add_argument(
+        "--input-size", type=image_size, help="evaluate at this square size (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--crop-pct", type=number(0, 1, low_open=True), help="center-crop fraction in (0, 1] (default: checkpoint's)"
+    )
+    parser.add_argument(
+        "--class-map", type=class_map, metavar="FOLDER=CLASS,...", help="name folders that differ from the classes"
+    )
+    parser.add_argument(
+        "--by-position", action="store_true", help="take the sorted class folders as the outputs in order"
+    )
+    parser.add_argument("--batch-size", type=integer(1), default=128, help="images per batch (128)")
+    parser.add_argument(
+        "--workers", type=integer(0), default=min(4, os.cpu_count() or 1), help="data loading processes (up to 4)"
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
     parser.add_argument("--json", metavar="PATH", help="results file (default: <checkpoint>.eval.json beside it)")
+    add_force(parser, "--json", "an eval results file")
+
+
+def _results_path(args: argparse.Namespace) -> tuple[Path, list[Path]]:
+    """Where the JSON goes, and the local input files it must not overwrite."""
+    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint and not is_url(args.checkpoint) else None
+    inputs = [ckpt] if ckpt is not None and ckpt.exists() else []
+    if args.json:
+        return Path(args.json), inputs
+    if ckpt is not None and ckpt.is_file():
+        return ckpt.with_name(f"{ckpt.stem}.eval.json"), inputs
+    return Path(f"{args.model or 'model'}.eval.json"), inputs
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0 (got {args.workers})")
+    out, inputs = _results_path(args)
+    out = check_output(out, "--json", "eval-json", inputs=inputs, force=args.force)
     env = init_distributed(args.device)  # under torchrun, every process evaluates a shard
     try:
         amp_dtype = resolve_amp(args.amp, env.device)
@@ -47,7 +76,9 @@ def run(args: argparse.Namespace) -> int:
         data = args.data or classifier.val_data
         if data is None:
             raise UserError("--data is needed: an ImageFolder tree <data>/<class>/<images>")
-        result = evaluate_folder(classifier, data, env, args.batch_size, args.workers, amp_dtype)
+        result = evaluate_folder(
+            classifier, data, env, args.batch_size, args.workers, amp_dtype, args.class_map, args.by_position
+        )
     finally:
         env.shutdown()
     if not env.is_main:
@@ -56,26 +87,22 @@ def run(args: argparse.Namespace) -> int:
         "model": classifier.model_name,
         "checkpoint": classifier.source,
         "ema": args.ema,
-        "data": str(data),
+        "data": result.pop("data"),
         "input_size": classifier.data["input_size"][-1],
         "crop_pct": classifier.data["crop_pct"],
         "interpolation": classifier.data["interpolation"],
         **result,
     }
-    ckpt = Path(args.checkpoint).expanduser() if args.checkpoint else None
-    if args.json:
-        out = Path(args.json)
-    elif ckpt is not None and ckpt.is_file():
-        out = ckpt.with_name(f"{ckpt.stem}.eval.json")
-    else:
-        out = Path(f"{classifier.model_name}.eval.json")
-    with atomic_write(out) as f:
-        f.write((json.dumps(record, indent=2) + "\n").encode())
+    # the figures first: they are shown even when the results file cannot be written
     print(
-        f"{classifier.model_name} on {data}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+        f"{classifier.model_name} on {record['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"loss {result['loss']:.4f}  {result['images']} images  {result['images_per_sec']:.0f} images/s"
     )
     if result["unreadable"]:
         print(f"skipped {len(result['unreadable'])} unreadable files: {'; '.join(result['unreadable'][:10])}")
+    if result["skipped_links"]:
+        print(f"skipped {len(result['skipped_links'])} links: {'; '.join(result['skipped_links'][:10])}")
+    with atomic_write(out) as f:
+        f.write((json.dumps(record, indent=2) + "\n").encode())
     print(f"wrote {out}")
     return 0

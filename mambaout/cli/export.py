@@ -6,13 +6,21 @@ sizes, and kept only when its outputs match PyTorch's to --atol.
 """
 
 import argparse
+from pathlib import Path
 
 from torch import nn
 
+from mambaout.cli.args import add_force, integer, number
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model
 from mambaout.models import create_model, get_spec
-from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict
+from mambaout.models.settings import create_configured_model
+from mambaout.outputs import check_output
+from mambaout.train.checkpoint import is_run_checkpoint
+from mambaout.train.config import MAX_INPUT_SIZE
+from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict, unwrap_state_dict
+from mambaout.weights.download import is_url
+from mambaout.weights.io import read_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +28,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", metavar="PATH", help="weights in any layout (default: random init)")
     parser.add_argument("--format", required=True, choices=FORMATS, help="file format")
     parser.add_argument("--output", required=True, metavar="FILE", help="file to write (atomically)")
-    parser.add_argument("--img-size", type=int, nargs="+", default=[224], metavar="N", help="H [W] to trace at")
-    parser.add_argument("--num-classes", type=int, metavar="N", help="classifier outputs (default: checkpoint's)")
-    parser.add_argument("--atol", type=float, default=1e-4, help="largest max |difference| accepted (1e-4)")
+    add_force(parser, "--output", "an export file")
+    parser.add_argument(
+        "--img-size", type=integer(32, MAX_INPUT_SIZE), nargs="+", default=[224], metavar="N", help="H [W] to trace at"
+    )
+    parser.add_argument(
+        "--num-classes", type=integer(0), metavar="N", help="classifier outputs, 0 for features (default: checkpoint's)"
+    )
+    parser.add_argument(
+        "--atol", type=number(0, low_open=True), default=1e-4, help="largest max |difference| accepted (1e-4)"
+    )
     parser.add_argument("--onnx-dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     parser.add_argument("--no-verify", action="store_true", help="skip running the written file")
     parser.add_argument(
@@ -33,21 +48,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> nn.Module:
-    """Variant `name` with the checkpoint's weights (its number of classes unless `num_classes` is given)."""
+    """Variant `name` with the checkpoint's weights (its number of classes unless `num_classes` is given).
+
+    A `mambaout train` checkpoint brings its model's constructor arguments (`--model-kwargs`).
+    """
     get_spec(name)  # an unknown name fails before reading a possibly large checkpoint
     if checkpoint is None:
         return create_model(name, num_classes=num_classes)
-    weights = our_layout(read_state_dict(checkpoint), checkpoint)
-    model = create_model(name, num_classes=checkpoint_num_classes(weights) if num_classes is None else num_classes)
+    loaded = None if is_url(checkpoint) else read_file(Path(checkpoint).expanduser())
+    kwargs = {}
+    if is_run_checkpoint(loaded):
+        if loaded["model_name"] != name:
+            raise UserError(
+                f"{checkpoint} holds a {loaded['model_name']}, not a {name}: pass --model {loaded['model_name']}"
+            )
+        kwargs = loaded["config"].get("model_kwargs", {})
+    weights = unwrap_state_dict(loaded, name=checkpoint) if loaded is not None else read_state_dict(checkpoint)
+    weights = our_layout(weights, checkpoint)
+    classes = checkpoint_num_classes(weights) if num_classes is None else num_classes
+    model = create_configured_model(name, kwargs, f"{checkpoint}'s model_kwargs", num_classes=classes)
     load_checkpoint(model, weights, name=checkpoint)
     return model
 
 
 def run(args: argparse.Namespace) -> int:
-    if len(args.img_size) > 2 or min(args.img_size) < 32:
-        raise UserError(f"--img-size takes H or H W, each at least 32, got {' '.join(map(str, args.img_size))}")
-    if args.atol <= 0:
-        raise UserError(f"--atol must be positive, got {args.atol}")
+    if len(args.img_size) > 2:
+        raise UserError(f"--img-size takes H or H W, got {' '.join(map(str, args.img_size))}")
+    inputs = [Path(args.checkpoint)] if args.checkpoint and not is_url(args.checkpoint) else []
+    kind = "onnx" if args.format == "onnx" else "zip"
+    check_output(args.output, "--output", kind, inputs=inputs, force=args.force)
     size = (args.img_size[0], args.img_size[-1])
     model = build_model(args.model, args.checkpoint, args.num_classes)
     report = export_model(

@@ -2,12 +2,17 @@
 
 import argparse
 
+from mambaout.cli.args import integer
+from mambaout.errors import UserError
 from mambaout.models import get_spec, list_models, model_complexity
+from mambaout.train.config import MAX_INPUT_SIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter on names, e.g. '*rw'")
-    parser.add_argument("--img-size", type=int, default=224, help="square input size for the MAC count (224)")
+    parser.add_argument(
+        "--img-size", type=integer(32, MAX_INPUT_SIZE), default=224, help="square input size for the MAC count (224)"
+    )
 
 
 def variant_table(pattern: str = "*", img_size: int = 224) -> str:
@@ -28,5 +33,7 @@ def variant_table(pattern: str = "*", img_size: int = 224) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not list_models(args.pattern):
+        raise UserError(f"no model matches '{args.pattern}': run `mambaout models` to list them all")
     print(variant_table(args.pattern, args.img_size))
     return 0

@@ -15,11 +15,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from mambaout.errors import UserError
+from mambaout.cli.args import add_force, integer
+from mambaout.outputs import check_output
 from mambaout.train.config import AMP_MODES
 from mambaout.train.distributed import resolve_device
 from mambaout.train.engine import resolve_amp
-from mambaout.train.inference import load_classifier, predict_files
+from mambaout.train.inference import find_images, load_classifier, predict_files
+from mambaout.weights.download import is_url
 from mambaout.weights.io import atomic_write
 
 
@@ -28,13 +30,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)")
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
     parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, 'official'/'timm' (default)")
-    parser.add_argument("--top", type=int, default=5, help="classes shown per image (5)")
+    parser.add_argument("--top", type=integer(1), default=5, help="classes shown per image (5)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print JSON: one object per image")
     output.add_argument("--csv", action="store_true", help="print CSV: path,rank,label,index,probability")
     parser.add_argument("--output", metavar="PATH", help="write to this file instead of printing")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (32)")
+    add_force(parser, "--output", "predict's own output")
+    parser.add_argument("--batch-size", type=integer(1), default=32, help="images per batch (32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
 
@@ -58,28 +61,33 @@ def _as_csv(results: list[dict[str, Any]]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1 (got {args.top})")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    files, skipped_links = find_images(args.images)
+    if args.output:
+        local = [Path(args.checkpoint)] if args.checkpoint and not is_url(args.checkpoint) else []
+        check_output(args.output, "--output", "predictions", inputs=[*files, *local], force=args.force)
     device = resolve_device(args.device)
     classifier = load_classifier(args.checkpoint, args.model, args.ema, device)
     results, unreadable = predict_files(
-        classifier, args.images, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, device)
+        classifier, files, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, device)
     )
-    if unreadable:
-        shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:10])
-        print(f"warning: skipped {len(unreadable)} unreadable files: {shown}", file=sys.stderr)
+    for what, items in (("unreadable files", unreadable), ("links", skipped_links)):
+        if items:
+            shown = "; ".join(f"{path} ({reason})" for path, reason in items[:10])
+            print(f"warning: skipped {len(items)} {what}: {shown}", file=sys.stderr)
     if args.json:
         text = json.dumps(results, indent=2) + "\n"
     elif args.csv:
         text = _as_csv(results)
     else:
         text = _as_text(results)
+    # file names that are not UTF-8 reach Python as surrogate escapes: written back as the same bytes
+    data = text.encode("utf-8", "surrogateescape")
     if args.output:
         with atomic_write(Path(args.output)) as f:
-            f.write(text.encode())
+            f.write(data)
         print(f"wrote {len(results)} predictions to {args.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
     return 0

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     config, checkpoint = prepare_run(args.config, config_overrides(args), args.resume)
     try:
-        train(config, checkpoint, resume_requested=args.resume is not None)
+        train(config, checkpoint)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -1,8 +1,8 @@
 """Data: an ImageFolder that survives bad files, the bundled digits default, transforms, samplers, class names."""
 
 from mambaout.data.digits import cache_dir, digits_tree
-from mambaout.data.folder import ImageFiles, RobustImageFolder
-from mambaout.data.images import UnreadableImage, list_images, load_image, to_rgb
+from mambaout.data.folder import ImageFiles, RobustImageFolder, TransformFailed
+from mambaout.data.images import ImageScan, UnreadableImage, list_images, load_image, scan_images, to_rgb
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
 from mambaout.data.samplers import ResumableSampler, ShardSampler
 from mambaout.data.transforms import data_config, eval_transform, train_transform
@@ -10,9 +10,11 @@ from mambaout.data.transforms import data_config, eval_transform, train_transfor
 __all__ = [
     "IMAGENET_CLASSES",
     "ImageFiles",
+    "ImageScan",
     "ResumableSampler",
     "RobustImageFolder",
     "ShardSampler",
+    "TransformFailed",
     "UnreadableImage",
     "cache_dir",
     "data_config",
@@ -22,6 +24,7 @@ __all__ = [
     "imagenet_synsets",
     "list_images",
     "load_image",
+    "scan_images",
     "to_rgb",
     "train_transform",
 ]

@@ -7,19 +7,18 @@ evaluation set returns the label -1 instead, which `evaluate` leaves out of ever
 """
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import make_dataset
 
-from mambaout.data.images import UnreadableImage, has_image_extension, load_image
-from mambaout.errors import UserError
+from mambaout.data.images import UnreadableImage, load_image, scan_images
+from mambaout.errors import UserError, describe
 
-__all__ = ["ImageFiles", "RobustImageFolder", "class_folders"]
+__all__ = ["ImageFiles", "RobustImageFolder", "TransformFailed", "class_folders"]
 
 _OK, _UNREADABLE = 0, 1
 
@@ -60,14 +59,14 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image = self._read(index)
         if image is not None:
-            return self._transformed(image), self.samples[index][1]
+            return self._transformed(image, index), self.samples[index][1]
         n = len(self.samples)
         for offset in range(1, n):
             i = (index + offset) % n
             image = self._read(i)
             if image is not None:
                 # an evaluation set only borrows the image for the batch's shape; label -1 keeps it out of the metrics
-                return self._transformed(image), self.samples[i][1] if self.substitute else -1
+                return self._transformed(image, i), self.samples[i][1] if self.substitute else -1
         raise RuntimeError(f"every image in {self.name} became unreadable while in use")
 
     def new_unreadable(self) -> list[tuple[str, str]]:
@@ -107,8 +106,31 @@ class ImageFiles(Dataset):
             return e.reason
         return "failed once, readable now"
 
-    def _transformed(self, image: Image.Image) -> Any:
-        return self.transform(image) if self.transform is not None else image
+    def _transformed(self, image: Image.Image, index: int) -> Any:
+        if self.transform is None:
+            return image
+        # a Compose's steps run one by one (as Compose runs them), so that a failure can name its step
+        for step in getattr(self.transform, "transforms", None) or [self.transform]:
+            try:
+                image = step(image)
+            except Exception as e:
+                name = type(step).__name__
+                raise TransformFailed(f"transform {name} failed on {self.samples[index][0]}: {describe(e, 300)}") from e
+        return image
+
+
+class TransformFailed(UserError):
+    """A transform raised on one sample; the message names the file and the transform.
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's traceback text; the
+    constructor keeps only the original one-line message then.
+    """
+
+    def __init__(self, message: str):
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -119,7 +141,7 @@ def class_folders(root: Path) -> list[str]:
 
 
 class RobustImageFolder(ImageFiles):
-    """torchvision's ImageFolder layout and labels, read by `ImageFiles`.
+    """torchvision's ImageFolder layout and labels, read by `ImageFiles`; symbolic links followed only where safe.
 
     Args:
         root: The folder holding one sub-folder per class (hidden folders are ignored).
@@ -127,11 +149,15 @@ class RobustImageFolder(ImageFiles):
         classes: Class names in label order (the training set's, for its validation set); default the sorted
             sub-folder names. A sub-folder not in the list is a `UserError`; a listed class may have no folder.
         substitute: See `ImageFiles`; True for training, False for evaluation.
+        labels: The label of each class folder, instead of its position in `classes` (evaluation of a model whose
+            outputs are matched to folders by name); a sub-folder not in it is a `UserError`.
 
     Attributes:
         classes: Class names in label order.
         empty_classes: Classes without any image file.
         ignored_files: Files skipped for not having an image extension (hidden files aside).
+        skipped_links: (link, reason) of symbolic links not followed: broken, looping, or pointing out of their class
+            folder into another part of `root` (see `scan_images`).
 
     Raises:
         UserError: `root` is missing, has no class folders or image files, has classes outside `classes`, or holds
@@ -144,6 +170,7 @@ class RobustImageFolder(ImageFiles):
         transform: Callable | None = None,
         classes: Sequence[str] | None = None,
         substitute: bool = True,
+        labels: Mapping[str, int] | None = None,
     ):
         self.root = Path(root).expanduser()
         layout = f"expected {self.root}/<class>/<images>"
@@ -152,28 +179,23 @@ class RobustImageFolder(ImageFiles):
         found = class_folders(self.root)
         if not found:
             raise UserError(f"no class folders in {self.root} ({layout})")
-        unknown = sorted(set(found) - set(classes)) if classes is not None else []
+        self.classes = list(classes) if classes is not None else found
+        label_of = dict(labels) if labels is not None else {name: i for i, name in enumerate(self.classes)}
+        unknown = sorted(set(found) - set(label_of))
         if unknown:
             shown = ", ".join(unknown[:10]) + (" ..." if len(unknown) > 10 else "")
             raise UserError(
                 f"{self.root} has classes the training set lacks: {shown}; the splits need the same classes"
             )
-        self.classes = list(classes) if classes is not None else found
         self.ignored_files: list[str] = []
-        samples = make_dataset(
-            str(self.root),
-            {c: i for i, c in enumerate(self.classes)},
-            is_valid_file=self._keep_file,
-            allow_empty=True,
-        )
+        self.skipped_links: list[tuple[str, str]] = []
+        samples = []
+        for name in found:
+            scan = scan_images(self.root / name, fence=self.root)
+            samples.extend((path, label_of[name]) for path in scan.files)
+            self.ignored_files.extend(scan.ignored)
+            self.skipped_links.extend(scan.skipped_links)
         if not samples:
             raise UserError(f"no image files in {self.root} ({layout}, e.g. .jpg or .png files)")
-        self.empty_classes = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
+        self.empty_classes = sorted(name for name, label in label_of.items() if label not in {t for _, t in samples})
         super().__init__(samples, transform, substitute, name=str(self.root))
-
-    def _keep_file(self, path: str) -> bool:
-        if has_image_extension(path):
-            return True
-        if not os.path.basename(path).startswith("."):
-            self.ignored_files.append(path)
-        return False

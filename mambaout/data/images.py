@@ -8,13 +8,23 @@ import os
 import struct
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-__all__ = ["IMG_EXTENSIONS", "UnreadableImage", "has_image_extension", "list_images", "load_image", "to_rgb"]
+__all__ = [
+    "IMG_EXTENSIONS",
+    "ImageScan",
+    "UnreadableImage",
+    "has_image_extension",
+    "list_images",
+    "load_image",
+    "scan_images",
+    "to_rgb",
+]
 
 # What PIL's decoders raise on bad bytes: they do not share a base class.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError, MemoryError)
@@ -53,39 +63,124 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully into an 8-bit RGB image.
+    """Decode `path` fully into an 8-bit RGB image, turned upright by its EXIF orientation (as timm and torchvision
+    users expect of photos).
 
     Raises:
-        UnreadableImage: empty, not an image, truncated or corrupt, or larger than `Image.MAX_IMAGE_PIXELS`.
+        UnreadableImage: unreadable (permissions), empty, not an image, truncated or corrupt, or larger than
+            `Image.MAX_IMAGE_PIXELS`.
     """
     try:
-        if os.path.getsize(path) == 0:
-            raise UnreadableImage(path, "empty file")
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; a training loop should not decode such files
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return to_rgb(image)
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise UnreadableImage(path, "empty file")
+            with warnings.catch_warnings():
+                # PIL only warns between MAX_IMAGE_PIXELS and twice that; a training loop should not decode such files
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as image:
+                    image.load()
+                    upright = ImageOps.exif_transpose(image)
+                    return to_rgb(upright)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise UnreadableImage(path, f"too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
     except Image.UnidentifiedImageError:
         raise UnreadableImage(path, "not an image") from None
+    except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
+        raise UnreadableImage(path, f"cannot open it: {e.strerror}") from None
     except _DECODE_ERRORS as e:
         raise UnreadableImage(path, f"corrupt or truncated ({e})") from None
 
 
-def list_images(paths: Iterable[str | os.PathLike]) -> list[Path]:
+@dataclass
+class ImageScan:
+    """What `scan_images` found under one folder.
+
+    Attributes:
+        files: Image files, each real file once, sorted as torchvision's ImageFolder sorts them (folder, then name).
+        skipped_links: (link, reason) of the symbolic links not followed.
+        ignored: Files without an image extension (hidden files aside).
+    """
+
+    files: list[str] = field(default_factory=list)
+    skipped_links: list[tuple[str, str]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+
+def scan_images(folder: str | os.PathLike, fence: str | os.PathLike | None = None) -> ImageScan:
+    """Every image file under `folder`, recursively, following symbolic links only where that is safe.
+
+    A link is skipped (and reported) when it is broken, points back to `folder` or one of its ancestors (a loop), or
+    points into `fence` outside `folder` (for a class folder, `fence` is its split: a link into a sibling class would
+    give that class's images this one's label). Other links, such as a tree of links into a central image store, are
+    followed; a real file reached twice is listed once. Hidden entries are left out.
+    """
+    top = os.path.realpath(folder)
+    fenced = os.path.realpath(fence) if fence is not None else None
+    scan, seen_files, seen_dirs = ImageScan(), set(), set()
+    found: list[tuple[str, str]] = []
+    pending = [os.fspath(folder)]
+    while pending:
+        directory = pending.pop()
+        real_directory = os.path.realpath(directory)
+        if real_directory in seen_dirs:
+            continue
+        seen_dirs.add(real_directory)
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError as e:
+            scan.skipped_links.append((directory, f"cannot list it: {e.strerror}"))
+            continue
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_symlink():
+                problem = _link_problem(os.path.realpath(entry.path), top, fenced)
+                if problem:
+                    scan.skipped_links.append((entry.path, problem))
+                    continue
+            if entry.is_dir():
+                pending.append(entry.path)
+            elif not has_image_extension(entry.name):
+                scan.ignored.append(entry.path)
+            elif (real := os.path.realpath(entry.path)) not in seen_files:
+                seen_files.add(real)
+                found.append((directory, entry.name))
+            else:
+                scan.skipped_links.append((entry.path, "a second path to a file already listed"))
+    scan.files = [os.path.join(d, name) for d, name in sorted(found)]
+    return scan
+
+
+def _link_problem(target: str, top: str, fence: str | None) -> str | None:
+    """Why a link to `target` found under folder `top` must not be followed, or None."""
+    if not os.path.exists(target):
+        return "broken link"
+    if top == target or top.startswith(target.rstrip(os.sep) + os.sep):
+        return "points to the folder itself or one above it (a loop)"
+    inside_top = target.startswith(top + os.sep)
+    if fence is not None and not inside_top and (target == fence or target.startswith(fence + os.sep)):
+        return "points outside its class folder, into another part of the dataset"
+    return None
+
+
+def list_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files and directories (recursively, sorted, image extensions only) into a list of image files.
 
-    A file named explicitly is kept whatever its extension; a missing path raises `FileNotFoundError`.
+    A file named explicitly is kept whatever its extension; a missing path raises `FileNotFoundError`. Folders are read
+    by `scan_images`.
+
+    Returns:
+        The image files, and the (link, reason) of every symbolic link not followed.
     """
     found: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            found.extend(sorted(p for p in entry.rglob("*") if p.is_file() and has_image_extension(p)))
+            scan = scan_images(entry)
+            found.extend(map(Path, scan.files))
+            skipped.extend(scan.skipped_links)
         elif entry.is_file():
             found.append(entry)
         else:
             raise FileNotFoundError(entry)
-    return found
+    return found, skipped

@@ -12,6 +12,7 @@ still verified against the reference model.
 """
 
 import copy
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from mambaout.errors import UserError
 from mambaout.fast import optimize_for_inference
 from mambaout.models import MambaOut
 from mambaout.weights.io import atomic_path
+from mambaout.weights.loading import first_nonfinite
 
 __all__ = ["FORMATS", "ExportReport", "export_model", "load_exported", "verify_exported"]
 
@@ -86,13 +88,19 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> t
     # TorchScript is deprecated in recent PyTorch but still what many C++ and mobile runtimes load.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, torch.jit.TracerWarning))
-        torch.jit.save(torch.jit.trace(model, example, check_trace=False), str(path))
+        traced = torch.jit.trace(model, example, check_trace=False)
+        # into memory first: torch.jit.save's C++ writer aborts the process when a write to a file fails (disk full)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    path.write_bytes(buffer.getbuffer())
     return ("batch", "height", "width")
 
 
 def _write_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[str, ...]:
     program = torch.export.export(model, (example,), dynamic_shapes=_export_dims(), strict=False)
-    torch.export.save(program, str(path))
+    buffer = io.BytesIO()  # as for TorchScript: a failed write raises here instead of aborting the process
+    torch.export.save(program, buffer)
+    path.write_bytes(buffer.getbuffer())
     return _EXPORT_DYNAMIC
 
 
@@ -122,7 +130,7 @@ def load_exported(path: str | os.PathLike, fmt: str):
 def verify_exported(
     model: nn.Module, path: Path, fmt: str, shapes: list[tuple[int, int, int, int]], atol: float = 1e-4
 ) -> list[tuple[tuple[int, ...], float]]:
-    """Run the file and the model on fresh random inputs of each shape; raise if any output differs by > `atol`.
+    """Run the file and the model on fresh random inputs of each shape; a `UserError` if any differs by > `atol`.
 
     Returns:
         (shape, max |difference|) per shape.
@@ -138,7 +146,10 @@ def verify_exported(
         diff = (got.float() - want.float()).abs().max().item()
         checks.append((tuple(shape), diff))
         if not diff <= atol:
-            raise RuntimeError(f"exported {fmt} differs from PyTorch by {diff:.3g} (> {atol}) on input {shape}")
+            raise UserError(
+                f"the exported {fmt} file differs from PyTorch by {diff:.3g} (more than --atol {atol:g}) on input "
+                f"{list(shape)}, so it was not kept: a larger --atol accepts it"
+            )
     return checks
 
 
@@ -170,8 +181,8 @@ def export_model(
         An `ExportReport`.
 
     Raises:
-        UserError: Unknown format, or a size the format cannot take.
-        RuntimeError: The written file does not reproduce the model (the file is not kept).
+        UserError: Unknown format, a size the format cannot take, weights that are not finite (nothing could be
+            verified), or a written file that does not reproduce the model (it is not kept).
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
@@ -180,6 +191,12 @@ def export_model(
         raise UserError(f"--img-size {img_size[0]}x{img_size[1]}: {fmt} needs multiples of {SIZE_MULTIPLE}")
     if fmt == "exported-program" and Path(output).suffix != ".pt2":
         raise UserError(f"--output {output}: an ExportedProgram file must end in .pt2 (torch.export.load needs it)")
+    bad = first_nonfinite(model.state_dict())
+    if verify and bad is not None:
+        raise UserError(
+            f"the weights hold NaN or inf (first in '{bad}'): the model's own outputs are not finite, so no export of "
+            "it can be verified; fix the checkpoint (or pass --no-verify to write it anyway)"
+        )
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     example = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(0))
     output = Path(output)

@@ -3,7 +3,7 @@
 Example:
     >>> from mambaout.train import prepare_run, train
     >>> config, checkpoint = prepare_run("digits_cpu", {"output": "runs/digits"}, resume="auto")
-    >>> result = train(config, checkpoint, resume_requested=True)
+    >>> result = train(config, checkpoint)
 """
 
 from mambaout.train.config import TrainConfig, build_config, load_config_file

@@ -3,15 +3,15 @@
 A checkpoint is a dict of tensors and plain Python values, so `torch.load(weights_only=True)` reads it:
 
     model, ema          state dicts (ema None without --ema)
-    optimizer, scheduler, scaler
-                        their state dicts (scaler None without fp16)
+    optimizer, scaler   their state dicts (scaler None without fp16); the learning-rate schedule is not saved: it is a
+                        function of the config and the step, recomputed on resume
     rng                 per rank: torch CPU/CUDA, numpy and python generator states
     epoch               epochs completed; `epoch_progress` tells how far the next one got (mid-epoch saves)
     step                optimizer steps completed
     config              the resolved TrainConfig as a dict; class_names, model_name
     best_top1, metrics  best validation top-1 so far and the last epoch's metrics
 
-`best.pth` holds the same minus optimizer, scheduler, scaler and rng. Both load with `mambaout.weights.load_checkpoint`.
+`best.pth` holds the same minus optimizer, scaler and rng. Both load with `mambaout.weights.load_checkpoint`.
 """
 
 import os
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from mambaout.errors import UserError
-from mambaout.weights.io import atomic_write, read_file
+from mambaout.weights.io import atomic_write, read_file, tensor_bytes
 
 __all__ = ["is_run_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
 
@@ -61,14 +61,11 @@ def save_checkpoint(checkpoint: dict[str, Any], path: str | os.PathLike) -> None
     """`torch.save` to a temporary file beside `path`, fsync, rename: `path` is always the old or the new file.
 
     Raises:
-        UserError: The disk is full or the folder not writable (the previous file stays intact).
+        UserError: The disk is full or the folder not writable (the previous file stays intact); a disk with less
+            room than the checkpoint's tensors is refused before writing.
     """
-    path = Path(path)
-    try:
-        with atomic_write(path) as f:
-            torch.save(checkpoint, f)
-    except OSError as e:
-        raise UserError(f"cannot write checkpoint {path}: {e.strerror or e}; the previous one is intact") from None
+    with atomic_write(Path(path), size_hint=tensor_bytes(checkpoint)) as f:
+        torch.save(checkpoint, f)
 
 
 def is_run_checkpoint(obj: Any) -> bool:

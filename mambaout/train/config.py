@@ -12,16 +12,18 @@ the absolute rate. The resolved `lr` is what a run saves, so a resumed run keeps
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from timm.optim import list_optimizers
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
 
 __all__ = [
     "CONFIG_DIR",
@@ -35,6 +37,9 @@ __all__ = [
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: installed with the code
 _LR_BATCH = 1024
+MIN_INPUT_SIZE = 16
+_MAX_CONFIG_BYTES = 1 << 20
+MAX_INPUT_SIZE = 4096  # 4096² is 16.8M pixels a sample: 3x ADE20K's 512x2048, far past any published setting
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 SCHEDULES = ("cosine", "tanh", "poly")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
@@ -60,7 +65,9 @@ class TrainConfig:
     output: str | None = _f(None, "run directory; default runs/<model>-<data>-<time>")
     # schedule
     epochs: int = _f(300, "training epochs")
-    warmup_epochs: int = _f(20, "linear warmup epochs from --warmup-lr")
+    warmup_epochs: float = _f(
+        20, "linear warmup epochs from --warmup-lr (a shorter --epochs keeps the recipe's share: 20 of 300)"
+    )
     batch_size: int = _f(128, "images per device per micro-step")
     accum_steps: int = _f(1, "micro-steps accumulated per optimizer step")
     base_lr: float = _f(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
@@ -137,13 +144,21 @@ class TrainConfig:
         self._validate()
 
     def _validate(self) -> None:
+        from mambaout.data.transforms import check_auto_augment
         from mambaout.models import get_spec
+        from mambaout.models.settings import create_configured_model
+        from mambaout.train.distributed import check_device
 
         try:
             get_spec(self.model)
         except UserError as e:
             raise UserError(f"--model: {e}") from None
         _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
+            _check(finite, f.name, "must be finite", value)
         _check(
             0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be within 0..--epochs", self.warmup_epochs
         )
@@ -151,6 +166,7 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         for name in ("workers", "threads", "save_interval", "seed", "weight_decay", "momentum", "min_lr", "warmup_lr"):
             _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        _check(self.color_jitter is None or self.color_jitter >= 0, "color_jitter", "must be >= 0", self.color_jitter)
         for name in ("base_lr", "lr", "clip_grad", "num_classes", "input_size", "opt_eps", "eval_crop_pct"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, "must be > 0", value)
@@ -158,13 +174,29 @@ class TrainConfig:
             _check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
         for name in ("mixup_prob", "mixup_switch_prob", "hflip", "vflip", "re_prob"):
             _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]", getattr(self, name))
-        _check(self.mixup >= 0 and self.cutmix >= 0, "mixup", "and --cutmix must be >= 0", (self.mixup, self.cutmix))
+        for name in ("mixup", "cutmix"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        if self.auto_augment is not None:
+            check_auto_augment(self.auto_augment)
         _check(
             self.layer_decay is None or 0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]", self.layer_decay
         )
         _check(0 < self.scale[0] <= self.scale[1] <= 1, "scale", "must be 0 < min <= max <= 1", self.scale)
         _check(0 < self.ratio[0] <= self.ratio[1], "ratio", "must be 0 < min <= max", self.ratio)
-        _check(self.input_size is None or self.input_size >= 16, "input_size", "must be >= 16", self.input_size)
+        _check(
+            self.input_size is None or MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE,
+            "input_size",
+            f"must be within {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}",
+            self.input_size,
+        )
+        _check(self.std is None or min(self.std) > 0, "std", "must be > 0 for every channel", self.std)
+        _check(
+            self.opt_betas is None or all(0 <= b < 1 for b in self.opt_betas),
+            "opt_betas",
+            "must be in [0, 1)",
+            self.opt_betas,
+        )
+        _check(self.seed < 2**32 - 1024, "seed", f"must be below {2**32 - 1024} (numpy's seed range)", self.seed)
         _check(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1", self.micro_batch)
         _choice(self.split_linears, "split_linears", ("auto", "on", "off"))
         _choice(self.amp, "amp", AMP_MODES)
@@ -175,14 +207,11 @@ class TrainConfig:
         _choice(self.train_interpolation, "train_interpolation", ("random", *INTERPOLATIONS))
         if self.interpolation is not None:
             _choice(self.interpolation, "interpolation", INTERPOLATIONS)
-        _check(
-            self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
-            "device",
-            "must be auto, cpu, cuda or cuda:N",
-            self.device,
-        )
+        check_device(self.device)
         if self.mixup_active:
             _check(self.batch_size % 2 == 0, "batch_size", "must be even when mixup/cutmix is on", self.batch_size)
+        with torch.device("meta"):  # free: checks the architecture without allocating it
+            create_configured_model(self.model, self.model_kwargs, flag("model_kwargs"))
 
     @property
     def mixup_active(self) -> bool:
@@ -206,9 +235,27 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases: a recipe needs none, and an alias-of-aliases 'billion laughs' document
+    a few hundred bytes long expands to gigabytes."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases such as *{one_line(event.anchor, 40)} are not allowed here", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` without aliases (`_RecipeLoader`): for recipes and YAML given in flags."""
+    return yaml.load(text, Loader=_RecipeLoader)
+
+
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
     if not ok:
-        raise UserError(f"{flag(name)} {rule}" + (f" (got {value})" if value is not None else ""))
+        raise UserError(f"{flag(name)} {rule}" + (f" (got {one_line(str(value), 100)})" if value is not None else ""))
 
 
 def _choice(value: str, name: str, choices: tuple[str, ...]) -> None:
@@ -246,17 +293,20 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
                 raise ValueError
             return tuple(_coerce(name, a, v) for a, v in zip(args, items, strict=True))
         if hint is dict:
-            value = yaml.safe_load(value) if isinstance(value, str) else value
+            try:
+                value = load_yaml(value) if isinstance(value, str) else value
+            except yaml.YAMLError as e:
+                raise UserError(f"{flag(name)} is not valid YAML ({one_line(str(e), 150)})") from None
             if value is None:
                 return {}
             if not isinstance(value, dict):
                 raise ValueError
             return value
-    except (TypeError, ValueError, yaml.YAMLError):
+    except (TypeError, ValueError):
         pass
     else:
         raise TypeError(f"config field {name} has an unsupported type {hint}")
-    raise UserError(f"{flag(name)} expects {_describe(hint)}, got {value!r}")
+    raise UserError(f"{flag(name)} expects {_describe(hint)}, got {one_line(repr(value), 100)}")
 
 
 def _describe(hint: Any) -> str:
@@ -288,9 +338,16 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
             raise UserError(f"--config: no file {path} and no recipe named '{name_or_path}' (recipes: {known})")
         path = named
     try:
-        loaded = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > _MAX_CONFIG_BYTES:
+            raise UserError(f"--config: {path} is {size} bytes; a recipe is a few KB of YAML (at most 1 MiB)")
+        loaded = load_yaml(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise UserError(f"--config: {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at {e.start})") from None
+    except OSError as e:
+        raise UserError(f"--config: cannot read {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
-        raise UserError(f"--config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"--config: {path} is not valid YAML ({one_line(str(e))})") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):

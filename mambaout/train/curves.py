@@ -6,6 +6,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from mambaout.outputs import PNG_SOFTWARE
 from mambaout.weights.io import atomic_write
 
 __all__ = ["plot_curves"]
@@ -43,5 +44,5 @@ def plot_curves(records: list[dict[str, Any]], path: str | os.PathLike, title: s
     fig.suptitle(title)
     fig.tight_layout()
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
+        fig.savefig(f, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE})  # tells our plots from photos
     return path

@@ -5,15 +5,16 @@ training code reads the same either way.
 """
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
 
-__all__ = ["DistEnv", "init_distributed", "resolve_device"]
+__all__ = ["DEVICES", "DistEnv", "check_device", "init_distributed", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -84,13 +85,25 @@ def init_distributed(device: str = "auto") -> DistEnv:
     return DistEnv(device=target, rank=rank, world_size=world_size)
 
 
+DEVICES = "auto, cpu, cuda or cuda:N"
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+
+
+def check_device(device: str) -> str:
+    """`device` when it names a device this package runs on (`DEVICES`); else a `UserError` listing them."""
+    if not _DEVICE.fullmatch(device):
+        raise UserError(f"--device {one_line(device, 40)}: unknown device; choose {DEVICES}")
+    return device
+
+
 def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch.device:
     """The device for a `--device` choice, made current: "auto" (CUDA when available), "cpu", "cuda" or "cuda:N";
     with `local_rank` (a distributed run) CUDA is `cuda:<local_rank>`, one GPU per process.
 
     Raises:
-        UserError: CUDA asked for but not available.
+        UserError: An unknown device, or CUDA asked for but not available.
     """
+    check_device(device)
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA device is available; use --device cpu")
@@ -100,5 +113,7 @@ def resolve_device(device: str = "auto", local_rank: int | None = None) -> torch
         target = torch.device("cuda", local_rank or 0)
     else:
         target = torch.device(device)
+        if target.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     torch.cuda.set_device(target)
     return target

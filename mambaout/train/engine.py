@@ -41,7 +41,7 @@ __all__ = [
 
 
 class NonFiniteLoss(UserError):
-    """The loss became NaN or infinite; the run stops without writing anything."""
+    """The loss became NaN or infinite; the run stops without writing anything (the trainer adds where to go on)."""
 
 
 @dataclass
@@ -170,8 +170,8 @@ def train_one_epoch(
                 if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing changed or was saved
                     raise NonFiniteLoss(
                         f"loss is {loss_sum / len(images)} at epoch {epoch + 1}, step {progress.updates + 1} of "
-                        f"{num_updates} (run step {parts.step + 1}); stopped without saving, so the last checkpoint "
-                        "is the last good state: resume from it with a lower --lr, --clip-grad or --amp none"
+                        f"{num_updates} (run step {parts.step + 1}): try a lower --lr, --clip-grad or --amp none; "
+                        "stopped before the update, without saving"
                     )
                 progress.loss_sum += loss_sum
                 progress.samples += len(images)

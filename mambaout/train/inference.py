@@ -20,6 +20,7 @@ from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagene
 from mambaout.data.transforms import data_config, eval_transform
 from mambaout.errors import UserError
 from mambaout.models import create_model
+from mambaout.models.settings import check_activation_memory, create_configured_model
 from mambaout.train.checkpoint import is_run_checkpoint
 from mambaout.train.distributed import DistEnv
 from mambaout.train.engine import evaluate, predict
@@ -27,7 +28,15 @@ from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout
 from mambaout.weights.download import is_url
 from mambaout.weights.io import read_file
 
-__all__ = ["Classifier", "evaluate_folder", "load_classifier", "predict_files"]
+__all__ = [
+    "Classifier",
+    "evaluate_folder",
+    "find_images",
+    "load_classifier",
+    "match_class_folders",
+    "predict_files",
+    "resolve_eval_folder",
+]
 
 
 @dataclass
@@ -83,12 +92,13 @@ def load_classifier(
             raise UserError(f"{checkpoint} holds a {loaded['model_name']}, not a {model_name}: drop --model")
         model_name = loaded["model_name"]
         names = list(loaded["class_names"])
-        model = create_model(model_name, num_classes=len(names), **saved.get("model_kwargs", {}))
+        kwargs = saved.get("model_kwargs", {})
+        model = create_configured_model(model_name, kwargs, f"{checkpoint}'s model_kwargs", num_classes=len(names))
         load_checkpoint(model, loaded, prefer_ema=prefer_ema, name=str(checkpoint))
         data = data_config(
             model,
-            input_size or saved.get("input_size"),
-            crop_pct or saved.get("eval_crop_pct"),
+            saved.get("input_size") if input_size is None else input_size,
+            saved.get("eval_crop_pct") if crop_pct is None else crop_pct,
             saved.get("interpolation"),
             saved.get("mean"),
             saved.get("std"),
@@ -113,6 +123,53 @@ def load_classifier(
     return Classifier(model.to(device).eval(), model_name, names, folders, data, checkpoint or "published")
 
 
+def resolve_eval_folder(root: str | os.PathLike) -> Path:
+    """The class-folder tree to evaluate: `root`, or `root/val` when `root` is a dataset root (`train/` and `val/`)."""
+    root = Path(root).expanduser()
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root / "val"
+    return root
+
+
+def match_class_folders(
+    classifier: Classifier, root: Path, class_map: dict[str, str] | None = None, by_position: bool = False
+) -> dict[str, int]:
+    """The output index of each class folder under `root`.
+
+    Folders are matched to the model's outputs by name: the checkpoint's class names, or ImageNet's WordNet ids
+    (`n01440764`) for ImageNet weights; `class_map` renames folders first (folder -> class). `by_position` (and a
+    model whose outputs have no names) takes the sorted folders as the outputs in order instead, as torchvision's
+    ImageFolder labels them.
+
+    Raises:
+        UserError: A folder the model does not know (its name is not a class and `class_map` does not map it), a
+            mapping to an unknown class, or matching by position with another number of folders than outputs.
+    """
+    folders = class_folders(root)
+    names = classifier.folder_classes
+    if by_position or names is None:
+        if len(folders) != len(classifier.class_names):
+            raise UserError(
+                f"{root} has {len(folders)} class folders and the model {len(classifier.class_names)} outputs: "
+                "matching by position needs one folder per output"
+            )
+        return {folder: i for i, folder in enumerate(folders)}
+    index = {name: i for i, name in enumerate(names)}
+    class_map = class_map or {}
+    unknown_targets = sorted(set(class_map.values()) - set(index))
+    if unknown_targets:
+        raise UserError(f"--class-map maps to classes the model does not have: {', '.join(unknown_targets[:10])}")
+    unknown = [f for f in folders if class_map.get(f, f) not in index]
+    if unknown:
+        known = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        raise UserError(
+            f"{root} has class folders the model does not know: {', '.join(unknown[:10])} (its classes: {known}); "
+            "rename them, map them with --class-map FOLDER=CLASS, or pass --by-position to take sorted folders as "
+            "the outputs in order"
+        )
+    return {f: index[class_map.get(f, f)] for f in folders}
+
+
 def evaluate_folder(
     classifier: Classifier,
     root: str | os.PathLike,
@@ -120,28 +177,23 @@ def evaluate_folder(
     batch_size: int = 128,
     workers: int = 4,
     amp_dtype: torch.dtype | None = None,
+    class_map: dict[str, str] | None = None,
+    by_position: bool = False,
 ) -> dict[str, Any]:
     """Top-1/top-5, loss and throughput of `classifier` on an ImageFolder tree (`root/<class>/<images>`).
 
-    Folders are matched to outputs by name (the checkpoint's classes, or ImageNet WordNet ids); otherwise sorted
-    folders are taken in output order, which needs as many folders as outputs.
+    A dataset root (holding `train/` and `val/`) is evaluated on its `val/`. Folders are matched to outputs by
+    name (`match_class_folders`).
 
     Returns:
-        The metrics of `evaluate` plus `unreadable` (files skipped) and `seconds`.
+        The metrics of `evaluate` plus `data` (the folder evaluated), `unreadable` (files skipped), `skipped_links`
+        and `seconds`.
     """
-    root = Path(root).expanduser()
-    folders = class_folders(root)
-    classes = classifier.folder_classes
-    if not folders or (classes is not None and set(folders) <= set(classes)):
-        pass  # named classes, or a missing/empty tree that RobustImageFolder reports
-    elif len(folders) == len(classifier.class_names):
-        classes = folders  # unnamed outputs: sorted folders in output order, as ImageFolder labels them
-    else:
-        raise UserError(
-            f"the {len(folders)} class folders of {root} do not match the model's {len(classifier.class_names)} "
-            f"classes (e.g. folder '{folders[0]}')"
-        )
-    dataset = RobustImageFolder(root, eval_transform(classifier.data), classes=classes, substitute=False)
+    check_activation_memory(classifier.model, batch_size, classifier.data["input_size"][-1], env.device)
+    root = resolve_eval_folder(root)
+    # a missing or empty tree is left to RobustImageFolder, which says what it expected
+    labels = match_class_folders(classifier, root, class_map, by_position) if class_folders(root) else None
+    dataset = RobustImageFolder(root, eval_transform(classifier.data), substitute=False, labels=labels)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -152,34 +204,50 @@ def evaluate_folder(
     start = time.perf_counter()
     metrics = evaluate(classifier.model, loader, env, amp_dtype)
     unreadable = dataset.new_unreadable()
-    return {**metrics, "unreadable": [f"{p} ({r})" for p, r in unreadable], "seconds": time.perf_counter() - start}
+    return {
+        **metrics,
+        "data": str(root),
+        "unreadable": [f"{p} ({r})" for p, r in unreadable],
+        "skipped_links": [f"{p} ({r})" for p, r in dataset.skipped_links],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """The image files among `paths` (files, or folders searched recursively) and the links skipped on the way.
+
+    Raises:
+        UserError: A path does not exist, or no image file was found.
+    """
+    try:
+        files, skipped = list_images(paths)
+    except FileNotFoundError as e:
+        raise UserError(f"no such file or folder: {e.args[0]}") from None
+    if not files:
+        raise UserError(f"no image files in {', '.join(map(str, paths))}")
+    return files, skipped
 
 
 def predict_files(
     classifier: Classifier,
-    paths: list[str],
+    files: list[Path],
     top: int = 5,
     batch_size: int = 32,
     workers: int = 0,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Top-`top` classes of every image among `paths` (files, or folders searched recursively).
+    """Top-`top` classes of every image file in `files` (`find_images` lists them from files and folders).
 
     Returns:
         One `{"path", "predictions": [{"rank", "label", "index", "probability"}]}` per readable image, in input
         order, and the (path, reason) of each unreadable one.
 
     Raises:
-        UserError: A path does not exist, no image found, or none readable.
+        UserError: No file is readable.
     """
-    try:
-        files = list_images(paths)
-    except FileNotFoundError as e:
-        raise UserError(f"no such file or folder: {e.args[0]}") from None
-    if not files:
-        raise UserError(f"no image files in {', '.join(map(str, paths))}")
-    dataset = ImageFiles([(str(f), i) for i, f in enumerate(files)], eval_transform(classifier.data), substitute=False)
     device = next(classifier.model.parameters()).device
+    check_activation_memory(classifier.model, min(batch_size, len(files)), classifier.data["input_size"][-1], device)
+    dataset = ImageFiles([(str(f), i) for i, f in enumerate(files)], eval_transform(classifier.data), substitute=False)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
     found = predict(classifier.model, loader, device, top, amp_dtype)
     results = [

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from mambaout.errors import UserError
-from mambaout.weights.io import atomic_write
+from mambaout.weights.io import atomic_write, remove_stale_temps
 
 __all__ = ["RunDir"]
 
@@ -26,10 +26,16 @@ class RunDir:
         self.metrics = self.path / "metrics.jsonl"
         self.last = self.path / "last.pth"
         self.best = self.path / "best.pth"
+        self.damaged_lines = 0
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The run's own files (config, metrics, checkpoints), whether they exist yet or not."""
+        return self.config, self.metrics, self.last, self.best
 
     def holds_run(self) -> bool:
         """Whether any file of a run is already there."""
-        return any(p.exists() for p in (self.config, self.metrics, self.last, self.best))
+        return any(p.exists() for p in self.files)
 
     def create(self) -> None:
         """Make the directory and clear temporary files that a killed writer left behind."""
@@ -37,8 +43,7 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"--output: cannot create {self.path}: {e.strerror or e}") from None
-        for stale in self.path.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(self.path)
 
     def write_config(self, config: dict[str, Any], header: str) -> None:
         """Save the resolved config as YAML, `header` as leading comment lines."""
@@ -47,17 +52,21 @@ class RunDir:
             f.write((comment + yaml.safe_dump(config, sort_keys=False)).encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """Every complete line of `metrics.jsonl` (a line cut short by a crash is skipped)."""
+        """Every intact line of `metrics.jsonl`; `damaged_lines` counts the others (cut short by a crash, or not
+        UTF-8 JSON), which are skipped."""
+        self.damaged_lines = 0
         if not self.metrics.exists():
             return []
         records = []
-        for line in self.metrics.read_text().splitlines():
+        for line in self.metrics.read_bytes().splitlines():
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
             if isinstance(record, dict):
                 records.append(record)
+            elif line.strip():
+                self.damaged_lines += 1
         return records
 
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -72,7 +81,7 @@ class RunDir:
         if not self.metrics.exists():
             return
         kept = [r for r in self.read_metrics() if r.get("epoch", 0) <= epoch]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
-        if text != self.metrics.read_text():
+        text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+        if text != self.metrics.read_bytes():
             with atomic_write(self.metrics) as f:
-                f.write(text.encode())
+                f.write(text)

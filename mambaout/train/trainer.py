@@ -30,17 +30,27 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mambaout.data import ResumableSampler, RobustImageFolder, ShardSampler, digits_tree
+from mambaout.data import ResumableSampler, RobustImageFolder, ShardSampler, TransformFailed, digits_tree
 from mambaout.data.transforms import data_config, eval_transform, train_transform
-from mambaout.errors import UserError
+from mambaout.errors import UserError, describe
 from mambaout.fast.train_step import auto_train_micro_batch
-from mambaout.models import create_model
+from mambaout.models import get_spec
+from mambaout.models.settings import check_activation_memory, create_configured_model
 from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mambaout.train.config import CONFIG_DIR, TrainConfig, build_config, load_config_file
+from mambaout.train.config import CONFIG_DIR, TrainConfig, build_config, flag, load_config_file
 from mambaout.train.distributed import DistEnv, init_distributed
-from mambaout.train.engine import EpochProgress, TrainParts, current_lr, evaluate, resolve_amp, train_one_epoch
+from mambaout.train.engine import (
+    EpochProgress,
+    NonFiniteLoss,
+    TrainParts,
+    current_lr,
+    evaluate,
+    resolve_amp,
+    train_one_epoch,
+)
 from mambaout.train.progress import Progress, format_duration
 from mambaout.train.rundir import RunDir
+from mambaout.weights import load_pretrained
 
 __all__ = ["TrainResult", "TrainingInterrupted", "default_recipe", "prepare_run", "train"]
 
@@ -77,41 +87,141 @@ def default_recipe(model: str, has_data: bool) -> str | None:
     return name if (CONFIG_DIR / f"{name}.yaml").is_file() else None
 
 
+# Settings a resumed run cannot change: its weights and optimizer state were made under them (PyTorch's optimizer
+# restores its saved hyperparameters, so a changed value would be ignored, or crash on another optimizer's state).
+# The learning-rate schedule (lr, warm-up, epochs, ...) may change: it is recomputed from the config at the saved step.
+FROZEN_ON_RESUME = (
+    "model", "model_kwargs", "num_classes", "opt", "opt_eps", "opt_betas", "momentum", "weight_decay", "layer_decay",
+    "batch_size", "accum_steps", "fused_optimizer",
+)  # fmt: skip
+_RESUME_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "class_names")
+
+
 def prepare_run(
     config_file: str | None, overrides: dict[str, Any], resume: str | None
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """The run's config and, when resuming, the checkpoint to continue from.
+    """The run's config and, when resuming, the checkpoint to continue from; nothing is written.
 
     Args:
         config_file: `--config` (path or recipe name); default `default_recipe`. Ignored when resuming: a resumed
-            run keeps its saved config, changed only by `overrides`.
-        overrides: Config values given as flags.
-        resume: None, "auto" (`<output>/last.pth` if present, else a new run), or a checkpoint file or run folder.
+            run keeps its saved config, changed only by `overrides` of settings outside `FROZEN_ON_RESUME`.
+        overrides: Config values given as flags. When `epochs` is given without `warmup_epochs`, the recipe's
+            warm-up keeps its share of the schedule (20 of 300 epochs: 2 of 30).
+        resume: None, "auto" (`<output>/last.pth`; a new run when `<output>` holds no run at all), or a checkpoint
+            file or run folder.
+
+    Raises:
+        UserError: Bad settings, a run folder with no resumable checkpoint, a damaged checkpoint, or a change to a
+            setting that cannot change on resume.
     """
-    checkpoint = None
+    checkpoint, path = None, None
     if resume == "auto":
         if not overrides.get("output"):
             raise UserError("--resume auto needs --output RUN_DIR (the run to continue, or to start)")
-        last = RunDir(overrides["output"]).last
-        checkpoint = read_checkpoint(last) if last.exists() else None
+        run = RunDir(overrides["output"])
+        if run.last.exists():
+            path = run.last
+        elif run.holds_run():
+            present = ", ".join(p.name for p in run.files if p.exists())
+            raise UserError(
+                f"--resume auto: {run.path} holds a run ({present}) but no last.pth to continue from: give a "
+                "checkpoint with --resume PATH, or start a new run with another --output"
+            )
     elif resume:
         path = Path(resume).expanduser()
         path = RunDir(path).last if path.is_dir() else path
         if not path.exists():
             raise UserError(f"--resume: no checkpoint at {path}")
-        checkpoint = read_checkpoint(path)
         overrides = {"output": str(path.parent), **overrides}
-    if checkpoint is not None:
-        if checkpoint.get("optimizer") is None:
-            raise UserError(
-                "the checkpoint holds weights only (a best.pth?): resume from last.pth, or start a new run from "
-                "these weights with --pretrained"
-            )
-        return build_config(checkpoint["config"], overrides), checkpoint
+    if path is not None:
+        checkpoint = _read_resumable(path)
+        return _resumed_config(checkpoint, overrides, path), checkpoint
     model = str(overrides.get("model", TrainConfig.model))
     name = config_file or default_recipe(model, bool(overrides.get("data")))
     recipe = load_config_file(name) if name else {}
+    if "epochs" in overrides and "warmup_epochs" not in overrides:
+        overrides = {**overrides, "warmup_epochs": _scaled_warmup(recipe, overrides["epochs"])}
     return build_config(None, recipe, overrides), None
+
+
+def _scaled_warmup(recipe: dict[str, Any], epochs: Any) -> Any:
+    """The recipe's warm-up scaled to `epochs`, keeping its share of the schedule; printed, as it is a choice."""
+    base = build_config(None, recipe)
+    try:
+        wanted = int(epochs)
+    except (TypeError, ValueError):
+        return base.warmup_epochs  # a bad --epochs gets its own message from the config
+    if wanted == base.epochs or wanted < 1:
+        return base.warmup_epochs
+    scaled = base.warmup_epochs * wanted / base.epochs
+    print(
+        f"--warmup-epochs {scaled:.3g}: the recipe's {base.warmup_epochs:g} of {base.epochs} epochs, kept in "
+        f"proportion for --epochs {wanted} (pass --warmup-epochs to choose)",
+        flush=True,
+    )
+    return scaled
+
+
+def _read_resumable(path: Path) -> dict[str, Any]:
+    """A `last.pth` that holds all a resumed run needs; a damaged one is refused, offering `best.pth` if it reads."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--resume: {e}{_best_fallback(path)}") from None
+    if checkpoint.get("optimizer") is None:
+        raise UserError(
+            f"--resume: {path} holds weights only (a best.pth?): resume from last.pth, or start a new run from "
+            "these weights with --pretrained"
+        )
+    missing = [k for k in _RESUME_KEYS if k not in checkpoint]
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
+        missing.append("the optimizer's state and param_groups")
+    if missing:
+        raise UserError(
+            f"--resume: {path} lacks what a resumed run needs ({', '.join(missing)}); it was not written by "
+            f"`mambaout train` or is damaged{_best_fallback(path)}"
+        )
+    return checkpoint
+
+
+def _best_fallback(last: Path) -> str:
+    """The message's way out when `last` cannot be resumed: `best.pth` beside it, when it reads."""
+    best = RunDir(last.parent).best
+    if best == last or not best.exists():
+        return ""
+    try:
+        saved = read_checkpoint(best)
+    except UserError:
+        return ""
+    return (
+        f"; {best} (epoch {saved.get('epoch', '?')}, val top-1 {saved.get('best_top1', float('nan')):.2f}%) reads: "
+        f"continue from its weights in a new run with --pretrained {best} --output NEW_DIR"
+    )
+
+
+def _resumed_config(checkpoint: dict[str, Any], overrides: dict[str, Any], path: Path) -> TrainConfig:
+    """The saved config with `overrides`, after checking that none changes a setting frozen on resume."""
+    try:
+        saved = build_config(checkpoint["config"])
+    except UserError as e:
+        raise UserError(f"--resume: {path} holds a config this version rejects: {e}") from None
+    requested = build_config(checkpoint["config"], overrides)
+    changed = [f.name for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(requested, f.name)]
+    frozen = [k for k in changed if k in FROZEN_ON_RESUME]
+    if frozen:
+        raise UserError(
+            f"--resume: {path} was trained with other settings that cannot change when resuming "
+            f"({_changes(saved, requested, frozen)}): drop those flags, or start a new run from its weights with "
+            f"--pretrained {path} --output NEW_DIR"
+        )
+    if changed:
+        print(f"resuming with changed settings: {_changes(saved, requested, changed)}", flush=True)
+    return requested
+
+
+def _changes(saved: TrainConfig, requested: TrainConfig, keys: list[str]) -> str:
+    return "; ".join(f"{flag(k)} {getattr(saved, k)!r} -> {getattr(requested, k)!r}" for k in keys)
 
 
 class _StopSignals:
@@ -141,13 +251,13 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def train(config: TrainConfig, checkpoint: dict[str, Any] | None = None, resume_requested: bool = False) -> TrainResult:
+def train(config: TrainConfig, checkpoint: dict[str, Any] | None = None) -> TrainResult:
     """Run training to `config.epochs`, continuing `checkpoint` when given.
 
     Args:
         config: From `prepare_run` (or built directly).
-        checkpoint: A `last.pth` to continue from.
-        resume_requested: `--resume` was given: an existing run folder without `last.pth` may be started afresh.
+        checkpoint: A `last.pth` to continue from (`prepare_run` checked it); without one, `config.output` must not
+            hold a run yet.
 
     Raises:
         UserError: Bad data, model or settings; NonFiniteLoss for a diverged run.
@@ -156,7 +266,7 @@ def train(config: TrainConfig, checkpoint: dict[str, Any] | None = None, resume_
     env = init_distributed(config.device)
     try:
         with _StopSignals() as signals:
-            return _Trainer(config, env, checkpoint, resume_requested, signals).fit()
+            return _Trainer(config, env, checkpoint, signals).fit()
     finally:
         env.shutdown()
 
@@ -169,7 +279,6 @@ class _Trainer:
         config: TrainConfig,
         env: DistEnv,
         checkpoint: dict[str, Any] | None,
-        resume_requested: bool,
         signals: _StopSignals,
     ):
         self.env, self.signals = env, signals
@@ -179,13 +288,15 @@ class _Trainer:
         torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not config.deterministic
         self.run = RunDir(env.broadcast(config.output or _default_output(config)))
-        if checkpoint is None and not resume_requested and self.run.holds_run():
+        if checkpoint is None and self.run.holds_run():
             raise UserError(
                 f"{self.run.path} already holds a run: continue it with --resume auto, or pick another --output"
             )
         self._build_data(config, checkpoint)
         self._build_model(config, checkpoint)
         self._build_optimization()
+        pieces = min(self.parts.micro_batch or config.batch_size, config.batch_size)
+        check_activation_memory(self.module, pieces, self.config.input_size, env.device, training=True)
         self._restore(checkpoint)
 
     # --- set-up ----------------------------------------------------------------------------------------------------
@@ -210,6 +321,9 @@ class _Trainer:
             for dataset in (self.train_set, self.val_set):
                 if dataset.ignored_files:
                     _warn(f"ignored {len(dataset.ignored_files)} files without an image extension in {dataset.root}")
+                links = dataset.skipped_links
+                if links:
+                    _warn(f"skipped {len(links)} links in {dataset.root}: {_listed(links)}")
             if self.train_set.empty_classes:
                 _warn(f"classes without training images: {', '.join(self.train_set.empty_classes[:10])}")
             if self.val_set.empty_classes:
@@ -217,17 +331,19 @@ class _Trainer:
 
     def _build_model(self, config: TrainConfig, checkpoint: dict[str, Any] | None) -> None:
         env = self.env
-        try:
-            model = create_model(
-                config.model,
-                pretrained=False if checkpoint is not None else (config.pretrained or False),
-                num_classes=len(self.class_names),
-                drop_path_rate=config.drop_path,
-                drop_rate=config.drop,
-                **config.model_kwargs,
-            )
-        except TypeError as e:
-            raise UserError(f"--model-kwargs: {e}") from None
+        model = create_configured_model(
+            config.model,
+            config.model_kwargs,
+            flag("model_kwargs"),
+            num_classes=len(self.class_names),
+            drop_path_rate=config.drop_path,
+            drop_rate=config.drop,
+        )
+        if config.pretrained and checkpoint is None:
+            try:
+                load_pretrained(model, get_spec(config.model), config.pretrained)
+            except UserError as e:
+                raise UserError(f"--pretrained {config.pretrained}: {e}") from None
         data = data_config(
             model, config.input_size, config.eval_crop_pct, config.interpolation, config.mean, config.std
         )
@@ -376,10 +492,17 @@ class _Trainer:
         except RuntimeError as e:
             first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
             raise UserError(f"the run's weights do not fit {self.config.model} as now configured: {first}") from None
-        parts.optimizer.load_state_dict(checkpoint["optimizer"])
-        parts.scheduler.load_state_dict(checkpoint["scheduler"])
-        if parts.scaler is not None and checkpoint.get("scaler"):
-            parts.scaler.load_state_dict(checkpoint["scaler"])
+        try:
+            parts.optimizer.load_state_dict(checkpoint["optimizer"])
+            if parts.scaler is not None and checkpoint.get("scaler"):
+                parts.scaler.load_state_dict(checkpoint["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a crafted or damaged state: one line
+            raise UserError(
+                f"the optimizer state of the run being resumed does not fit this run ({describe(e)})"
+            ) from None
+        # timm's schedules are functions of the config and the step: recomputed, so a longer --epochs reshapes them
+        parts.scheduler.step(checkpoint["epoch"])
+        parts.scheduler.step_update(num_updates=checkpoint["step"])
         if self.ema is not None:
             if checkpoint.get("ema"):
                 self.ema.module.load_state_dict(checkpoint["ema"])
@@ -434,6 +557,8 @@ class _Trainer:
                     should_stop=lambda: env.any(self.signals.received is not None),
                     after_update=lambda epoch=epoch, progress=progress: self._periodic_save(epoch, progress),
                 )
+            except (NonFiniteLoss, TransformFailed) as e:
+                raise type(e)(f"{e}; {self._last_good_state()}") from None
             finally:
                 bar.close()
             self._report_unreadable(self.train_set)
@@ -450,6 +575,12 @@ class _Trainer:
         elif env.is_main:
             print(f"best val top-1 {self.best_top1:.2f}%: {self.run.best}", flush=True)
         return TrainResult(self.run.path, config.epochs, self.best_top1, self.last_metrics)
+
+    def _last_good_state(self) -> str:
+        """Where a run that stopped on an error can go on from: nothing was written for the failing step."""
+        if self.run.last.exists():
+            return f"{self.run.last} holds the last good state: fix the cause, then continue with --resume auto"
+        return "no checkpoint was written yet: fix the cause and start the run again"
 
     def _received(self) -> int:
         return self.signals.received or signal.SIGTERM  # another rank got it: torchrun signals them all
@@ -516,7 +647,6 @@ class _Trainer:
         checkpoint = {
             **self._weights(epochs_done),
             "optimizer": parts.optimizer.state_dict(),
-            "scheduler": parts.scheduler.state_dict(),
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             "rng": states,
             "epoch_progress": dataclasses.asdict(totals) if totals is not None else None,
@@ -537,9 +667,7 @@ class _Trainer:
             return
         found = dataset.new_unreadable()
         if found:
-            shown = "; ".join(f"{path} ({reason})" for path, reason in found[:_SHOW_UNREADABLE])
-            more = f"; and {len(found) - _SHOW_UNREADABLE} more" if len(found) > _SHOW_UNREADABLE else ""
-            _warn(f"skipped {len(found)} unreadable files in {dataset.root}: {shown}{more}")
+            _warn(f"skipped {len(found)} unreadable files in {dataset.root}: {_listed(found)}")
 
     def _describe(self) -> str:
         config, env = self.config, self.env
@@ -574,6 +702,13 @@ def _epoch_line(record: dict[str, Any], epochs: int) -> str:
         parts.append(f"ema top1 {record['val_top1_ema']:.2f}")
     parts.append(f"lr {record['lr']:.2e} {record['images_per_sec']:.0f} img/s {format_duration(record['elapsed_s'])}")
     return "  ".join(parts)
+
+
+def _listed(items: list[tuple[str, str]]) -> str:
+    """`a (why); b (why); and M more` for a warning: the first `_SHOW_UNREADABLE` (path, reason) pairs by name."""
+    shown = "; ".join(f"{path} ({reason})" for path, reason in items[:_SHOW_UNREADABLE])
+    more = f"; and {len(items) - _SHOW_UNREADABLE} more" if len(items) > _SHOW_UNREADABLE else ""
+    return shown + more
 
 
 def _warn(message: str) -> None:

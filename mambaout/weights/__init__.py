@@ -11,6 +11,7 @@ from mambaout.weights.io import save_state_dict
 from mambaout.weights.layouts import LAYOUTS, convert_state_dict, detect_layout
 from mambaout.weights.loading import (
     checkpoint_num_classes,
+    first_nonfinite,
     load_checkpoint,
     load_pretrained,
     our_layout,
@@ -24,6 +25,7 @@ __all__ = [
     "convert_state_dict",
     "detect_layout",
     "download_cached",
+    "first_nonfinite",
     "load_checkpoint",
     "load_pretrained",
     "our_layout",

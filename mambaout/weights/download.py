@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from mambaout.errors import UserError
-from mambaout.weights.io import atomic_write, check_sha256_format, file_sha256
+from mambaout.weights.io import atomic_path, check_complete, check_sha256_format, file_sha256
 
 __all__ = ["cache_path", "download_cached", "is_url"]
 
@@ -53,42 +53,53 @@ def download_cached(url: str, sha256: str | None = None, progress: bool = True) 
     Returns:
         The cached file.
 
+    A file:// source replaced since it was cached (another size, or newer) is fetched again. A download is kept only
+    when it is complete: its Content-Length, its SHA-256 when known, and its own structure (a zip archive's
+    directory, a safetensors header's sizes) are checked before it lands in the cache.
+
     Raises:
-        UserError: The download failed (with the URL and what to do instead), or its SHA-256 did not match (nothing
-            is left in the cache then).
+        UserError: The download failed (with the URL and what to do instead), or was cut short, or its SHA-256 did
+            not match (nothing is left in the cache then).
     """
     expected = check_sha256_format(sha256) if sha256 else None
     path = cache_path(url)
     if path.exists():
-        if expected is None or file_sha256(path) == expected:
+        if not _changed_at_source(url, path) and (expected is None or file_sha256(path) == expected):
             return path
         path.unlink()  # a stale or damaged copy: fetch the file again
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with atomic_write(path) as f, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
+        with atomic_path(path) as tmp, urllib.request.urlopen(url, timeout=_TIMEOUT_S) as response:
             size = response.headers.get("Content-Length")
             digest, received = hashlib.sha256(), 0
-            with tqdm(
-                total=int(size) if size else None,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=f"downloading {path.name}",
-                disable=None if progress else True,  # None: only on a terminal
-            ) as bar:
+            with (
+                open(tmp, "wb") as f,
+                tqdm(
+                    total=int(size) if size else None,
+                    unit="B",
+                    unit_scale=True,
+                    unit_divisor=1024,
+                    desc=f"downloading {path.name}",
+                    disable=None if progress else True,  # None: only on a terminal
+                ) as bar,
+            ):
                 while chunk := response.read(_CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+            # the atomic write is abandoned (nothing lands in the cache) when the file is wrong
             if size and received != int(size):
                 raise UserError(_failure(url, f"the connection closed after {received} of {size} bytes"))
-            # the atomic write is abandoned (nothing lands in the cache) when the file is wrong
             if expected and digest.hexdigest() != expected:
                 raise UserError(
                     f"SHA-256 mismatch for {url}: expected {expected}, got {digest.hexdigest()}; the download was "
                     "discarded"
                 )
+            try:  # a server that sends no length can still cut the file short: its own structure tells
+                check_complete(tmp)
+            except UserError as e:
+                raise UserError(_failure(url, f"the file that arrived is not a whole checkpoint: {e}")) from None
     except urllib.error.HTTPError as e:
         raise UserError(_failure(url, f"HTTP {e.code} {e.reason}")) from e
     except urllib.error.URLError as e:
@@ -96,6 +107,19 @@ def download_cached(url: str, sha256: str | None = None, progress: bool = True) 
     except (OSError, http.client.HTTPException) as e:
         raise UserError(_failure(url, f"{type(e).__name__}: {e}")) from e
     return path
+
+
+def _changed_at_source(url: str, cached: Path) -> bool:
+    """Whether a file:// source was replaced since it was cached (another size, or newer); a gone source has not."""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme != "file":
+        return False  # published http(s) files do not change under their URL
+    source = Path(urllib.request.url2pathname(parsed.path))
+    try:
+        stat, kept = source.stat(), cached.stat()
+    except FileNotFoundError:
+        return False
+    return stat.st_size != kept.st_size or stat.st_mtime_ns > kept.st_mtime_ns
 
 
 def _failure(url: str, reason: str) -> str:

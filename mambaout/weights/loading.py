@@ -23,6 +23,7 @@ from mambaout.weights.layouts import convert_state_dict
 
 __all__ = [
     "checkpoint_num_classes",
+    "first_nonfinite",
     "load_checkpoint",
     "load_pretrained",
     "our_layout",
@@ -76,7 +77,21 @@ def unwrap_state_dict(checkpoint: Any, prefer_ema: bool = False, name: str = "ch
     tensors = {_WRAPPER_PREFIX.sub("", str(k)): v for k, v in checkpoint.items()}
     if len(tensors) != len(checkpoint):
         raise UserError(f"{name} has keys that differ only by a 'module.' or '_orig_mod.' prefix")
+    bad = first_nonfinite(tensors)
+    if bad is not None:
+        # one location and one text per checkpoint: Python shows it once however often the checkpoint is unwrapped
+        warnings.warn(
+            f"{name} holds non-finite weights (NaN or inf), first in '{bad}': outputs will be NaN", stacklevel=1
+        )
     return tensors
+
+
+def first_nonfinite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or an infinity, or None when all are finite."""
+    for key, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+            return key
+    return None
 
 
 def read_state_dict(
@@ -99,12 +114,23 @@ def read_state_dict(
     location = os.fspath(source)
     if is_url(location):
         path = download_cached(location, sha256)
+        try:
+            loaded = read_file(path)
+        except UserError:  # a copy that went bad in the cache: fetched once more, and named if that fails too
+            path.unlink(missing_ok=True)
+            path = download_cached(location, sha256)
+            try:
+                loaded = read_file(path)
+            except UserError as e:
+                path.unlink(missing_ok=True)
+                raise UserError(f"{e} (downloaded twice from {location} into the cache; nothing is kept)") from None
     else:
         path = Path(location).expanduser()
         if sha256:
             file_format(path)  # report a missing or empty file as such, not as a hash mismatch
             verify_sha256(path, sha256)
-    return unwrap_state_dict(read_file(path), prefer_ema=prefer_ema, name=str(path))
+        loaded = read_file(path)
+    return unwrap_state_dict(loaded, prefer_ema=prefer_ema, name=str(path))
 
 
 def our_layout(state_dict: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,232 @@
+"""Every subcommand under bad input: exit status 2, one `error:` line naming the flag or file, no traceback, and
+nothing on disk changed.
+
+Cases come from the parsers (every checked numeric or choice flag of every subcommand, with values out of range, not
+finite or not numbers), from the training config (every setting), and from the paths each writer must refuse (a folder
+for a file, a file for a folder, an output equal to an input through a symlink or `..`, a run's own files, a file of
+another kind), plus the hostile files of issue 10 (a YAML bomb, bytes that are not UTF-8, crafted checkpoints).
+"""
+
+import dataclasses
+import hashlib
+import os
+import typing
+from pathlib import Path
+
+import pytest
+from train_fixtures import flags, make_tree, write_image
+
+from mambaout.cli import SUBCOMMANDS, build_parser, main
+from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
+from mambaout.train.config import TrainConfig
+
+BAD_NUMBERS = ("nan", "inf", "-7", "abc", "")
+YAML_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{b}: &{b} [*{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}, *{a}]\n"
+    for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+
+
+@dataclasses.dataclass
+class Workspace:
+    root: Path
+    tree: Path
+    run: Path
+    photo: Path
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("hostile")
+    tree = make_tree(root / "data", classes=("cat", "dog"), train=4, val=2)
+    run = root / "run"
+    assert main(["train", "--data", str(tree), "--output", str(run), *flags(epochs=1)]) == 0
+    photo = write_image(root / "photo.png", 0)
+    (root / "notes.txt").write_text("my notes\n")
+    (root / "folder").mkdir()
+    (root / "link.png").symlink_to(photo)
+    (root / "link.pth").symlink_to(run / "last.pth")
+    (root / "binary.yaml").write_bytes(b"epochs: \xff\xfe\x00\x81\n")
+    (root / "bomb.yaml").write_text(YAML_BOMB + "opt: *i\n")
+    (root / "halfrun").mkdir()
+    (root / "halfrun" / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    checkpoint = read_checkpoint(run / "last.pth")
+    save_checkpoint({k: v for k, v in checkpoint.items() if k != "optimizer"} | {"optimizer": {}}, root / "crafted.pth")
+    save_checkpoint(checkpoint | {"config": {**checkpoint["config"], "model_kwargs": [1, 2]}}, root / "kwargs.pth")
+    save_checkpoint(checkpoint | {"config": {**checkpoint["config"], "model_kwargs": {"wings": 2}}}, root / "arg.pth")
+    nan = {k: v.clone() for k, v in checkpoint["model"].items()}
+    nan["head.fc.weight"][0, 0] = float("nan")
+    save_checkpoint(checkpoint | {"model": nan}, root / "nan.pth")
+    return Workspace(root, tree, run, photo)
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            key = str(path.relative_to(root))
+            if path.is_symlink():
+                state[key] = f"-> {os.readlink(path)}"
+            elif path.is_dir():
+                state[key] = "dir"
+            else:
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def _base(ws: Workspace, command: str) -> list[str]:
+    """A valid command line for `command` (it would run and write), to which a case adds one bad part."""
+    ckpt = str(ws.run / "best.pth")
+    return {
+        "models": ["models"],
+        "convert": ["convert", ckpt, str(ws.root / "out.pth"), "--to", "timm"],
+        "train": ["train", "--data", str(ws.tree), "--output", str(ws.root / "new"), *flags(epochs=1)],
+        "eval": ["eval", "--checkpoint", ckpt, "--workers", "0", "--json", str(ws.root / "e.json")],
+        "predict": ["predict", str(ws.photo), "--checkpoint", ckpt, "--output", str(ws.root / "p.json")],
+        "plot": ["plot", str(ws.run), "--output", str(ws.root / "curves.png")],
+        "bench": ["bench", "--model", "mambaout_femto", "--repeats", "1", "--batch-size", "1"],
+        "export": ["export", "--model", "mambaout_femto", "--format", "onnx", "--output", str(ws.root / "m.onnx")],
+    }[command]
+
+
+def _parser_cases() -> list[tuple[str, list[str], str]]:
+    """(command, bad flag and value, the flag): every checked numeric flag and every choice flag of every parser."""
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    cases = []
+    for command in SUBCOMMANDS:
+        for action in subparsers[command]._actions:
+            name = next((o for o in action.option_strings if o.startswith("--")), None)
+            if name is None or (command == "train" and name not in ("--config", "--resume")):
+                continue  # train's settings are generated from TrainConfig below
+            nargs = action.nargs if isinstance(action.nargs, int) else 1
+            if getattr(action.type, "__module__", "") == "mambaout.cli.args":
+                cases += [(command, [name, *[value] * nargs], name) for value in BAD_NUMBERS]
+            elif action.choices:
+                cases.append((command, [name, "bogus"], name))
+    return cases
+
+
+def _config_cases() -> list[tuple[str, list[str], str]]:
+    """(command, bad flag and value, the flag) for every `mambaout train` setting that takes a value."""
+    hints = typing.get_type_hints(TrainConfig)
+    cases = []
+    for field in dataclasses.fields(TrainConfig):
+        name = "--" + field.name.replace("_", "-")
+        hint = hints[field.name]
+        if hint is bool:
+            continue  # on/off switches take no value
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        inner = args[0] if typing.get_origin(hint) in (typing.Union, type(int | None)) else hint
+        width = len(typing.get_args(inner)) if typing.get_origin(inner) is tuple else 1
+        if inner in (int, float) or typing.get_origin(inner) is tuple:
+            values = ["nan", "abc"] + ([] if field.name == "mean" else ["-7"])  # a negative mean is a mean
+            cases += [("train", [name, *[v] * width], name) for v in values]
+        elif inner is str and field.name not in ("output", "data", "pretrained"):
+            cases.append(("train", [name, "bogus"], name))
+    return cases
+
+
+def _path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
+    """(command, argv, what the line must name): outputs that would destroy something, hostile files and folders."""
+    r, run, photo, best, last = ws.root, ws.run, str(ws.photo), str(ws.run / "best.pth"), str(ws.run / "last.pth")
+    dotted = str(r / "data" / ".." / "run" / "best.pth")
+    train = [*_base(ws, "train")]
+    return [
+        ("convert", ["convert", last, last, "--to", "mambaout"], "is also an input"),
+        ("convert", ["convert", last, str(r / "link.pth"), "--to", "mambaout"], "is also an input"),
+        ("convert", ["convert", best, dotted, "--to", "timm"], "is also an input"),
+        ("convert", ["convert", best, last, "--to", "timm"], "training run"),
+        ("convert", ["convert", best, str(r / "folder"), "--to", "timm"], "is a folder"),
+        ("convert", ["convert", best, str(r / "notes.txt"), "--to", "timm"], "not a checkpoint"),
+        ("convert", ["convert", best, str(r / "notes.txt" / "x.pth"), "--to", "timm"], "is a file, not a folder"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", photo], "is also an input"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", str(r / "link.png")], "is also an input"),
+        ("predict", ["predict", str(r), "--checkpoint", best, "--output", photo], "is also an input"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", str(r / "folder")], "is a folder"),
+        (
+            "predict",
+            ["predict", photo, "--checkpoint", best, "--output", str(r / "notes.txt")],
+            "mambaout predict` output",
+        ),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", str(run / "metrics.jsonl")], "training run"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", best], "is also an input"),
+        ("predict", ["predict", photo, "--checkpoint", str(r / "kwargs.pth")], "model_kwargs must be a mapping"),
+        ("predict", ["predict", photo, "--checkpoint", str(r / "arg.pth")], "wings"),
+        ("predict", ["predict", str(r / "missing.png"), "--checkpoint", best], "no such file or folder"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--device", "tpu"], "--device tpu"),
+        ("eval", ["eval", "--checkpoint", best, "--json", best], "is also an input"),
+        ("eval", ["eval", "--checkpoint", best, "--json", dotted], "is also an input"),
+        ("eval", ["eval", "--checkpoint", best, "--json", str(r / "folder")], "is a folder"),
+        ("eval", ["eval", "--checkpoint", best, "--json", str(run / "metrics.jsonl")], "training run"),
+        ("eval", ["eval", "--checkpoint", best, "--json", photo], "`mambaout eval` results file"),
+        ("eval", ["eval", "--checkpoint", best, "--json", str(r / "notes.txt" / "e.json")], "is a file"),
+        ("eval", ["eval", "--checkpoint", best, "--input-size", "0", "--json", str(r / "e.json")], "--input-size"),
+        ("eval", ["eval", "--checkpoint", best, "--crop-pct", "0", "--json", str(r / "e.json")], "--crop-pct"),
+        ("eval", ["eval", "--checkpoint", best, "--input-size", "100000"], "--input-size"),
+        ("eval", ["eval", "--checkpoint", str(r / "kwargs.pth"), "--json", str(r / "e.json")], "model_kwargs"),
+        ("eval", ["eval", "--checkpoint", best, "--input-size", "4096", "--batch-size", "100000"], "GiB free"),
+        ("eval", ["eval", "--checkpoint", best, "--device", "tpu", "--json", str(r / "e.json")], "--device tpu"),
+        ("eval", ["eval", "--checkpoint", str(r / "folder"), "--model", "mambaout_femto"], "folder"),
+        ("plot", ["plot", str(run), "--output", str(run / "metrics.jsonl")], "is also an input"),
+        ("plot", ["plot", str(run), "--output", last], "would destroy it"),
+        ("plot", ["plot", str(run), "--output", str(r / "folder")], "is a folder"),
+        ("plot", ["plot", str(run), "--output", photo], "`mambaout plot` image"),
+        ("plot", ["plot", str(r / "folder")], "metrics.jsonl does not exist"),
+        ("export", [*_base(ws, "export"), "--checkpoint", best, "--output", best], "is also an input"),
+        ("export", [*_base(ws, "export"), "--output", str(r / "folder")], "is a folder"),
+        ("export", [*_base(ws, "export"), "--output", str(r / "notes.txt")], "not an ONNX file"),
+        ("export", [*_base(ws, "export"), "--checkpoint", str(r / "nan.pth")], "NaN or inf"),
+        ("export", [*_base(ws, "export"), "--checkpoint", str(r / "arg.pth")], "wings"),
+        ("bench", [*_base(ws, "bench"), "--output", str(r / "folder")], "is a folder"),
+        ("bench", [*_base(ws, "bench"), "--output", str(r / "notes.txt" / "b.md")], "is a file, not a folder"),
+        ("bench", [*_base(ws, "bench"), "--output", photo], "`mambaout bench` table"),
+        ("models", ["models", "zzz*"], "no model matches"),
+        ("train", [*train, "--config", str(r / "missing.yaml")], "--config"),
+        ("train", [*train, "--config", str(r / "folder")], "--config"),
+        ("train", [*train, "--config", str(r / "binary.yaml")], "not UTF-8"),
+        ("train", [*train, "--config", str(r / "bomb.yaml")], "aliases"),
+        ("train", [*train, "--model-kwargs", "{dims: [-1, 2, 3, 4]}"], "--model-kwargs"),
+        ("train", [*train, "--model-kwargs", "{depths: [1, 1]}"], "--model-kwargs"),
+        ("train", [*train, "--model-kwargs", "{wings: 2}"], "--model-kwargs"),
+        ("train", [*train, "--model-kwargs", "[1, 2]"], "--model-kwargs"),
+        ("train", [*train, "--model-kwargs", "{depths: &x [1, 1, 1, 1], dims: *x}"], "aliases"),
+        ("train", [*train, "--seed", str(2**70)], "--seed"),
+        ("train", [*train, "--opt", "x" * 100_000], "--opt"),  # echoed cut short: the line stays short
+        ("train", [*train, "--model", "mambaout_base", "--model-kwargs", "{}", "--input-size", "4096"], "GiB free"),
+        ("train", [*train, "--std", "0", "0", "0"], "--std"),
+        ("train", [*train, "--opt-betas", "2", "2"], "--opt-betas"),
+        ("train", [*train, "--output", str(r / "notes.txt")], "--output"),
+        ("train", [*train, "--output", str(run)], "already holds a run"),
+        ("train", [*train, "--data", str(r / "notes.txt")], "--data"),
+        ("train", [*train, "--pretrained", "bogus"], "--pretrained bogus"),
+        ("train", [*train, "--epochs", "2", "--warmup-epochs", "3"], "--warmup-epochs"),
+        ("train", ["train", "--output", str(r / "halfrun"), "--resume", "auto"], "no last.pth"),
+        ("train", ["train", "--resume", str(r / "crafted.pth")], "param_groups"),
+        ("train", ["train", "--resume", str(r / "missing.pth")], "--resume"),
+        ("train", ["train", "--output", str(run), "--resume", "auto", "--opt", "sgd"], "cannot change"),
+        ("train", ["train", "--output", str(run), "--resume", "auto", "--layer-decay", "0.8"], "--layer-decay"),
+    ]
+
+
+def _assert_refused(ws: Workspace, capsys, argv: list[str], named: str) -> None:
+    before = _snapshot(ws.root)
+    capsys.readouterr()
+    code = main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, captured.err)
+    assert "Traceback" not in captured.err + captured.out
+    assert named in lines[0] and len(lines[0]) < 2100, (argv, lines[0][:300])
+    assert _snapshot(ws.root) == before, f"{argv} changed files on disk"
+
+
+@pytest.mark.parametrize(("command", "extra", "named"), _parser_cases() + _config_cases())
+def test_bad_flag_values_are_refused(ws, capsys, command, extra, named):
+    _assert_refused(ws, capsys, [*_base(ws, command), *extra], named)
+
+
+@pytest.mark.filterwarnings("ignore:.*holds non-finite weights")  # nan.pth's warning, before its refusal
+def test_bad_paths_and_files_are_refused(ws, capsys):
+    for _command, argv, named in _path_cases(ws):
+        _assert_refused(ws, capsys, argv, named)

@@ -13,8 +13,10 @@ class, map method -> top classes, map, details), `/compare` (image, input size, 
 """
 
 import dataclasses
+import html
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ MAX_TOP = 10
 DISPLAY_SIDE = 640  # the activation map is drawn on the photo scaled to about this longer side
 COMPARE_REPEATS = 5  # timed calls per model in a comparison, after one untimed warm-up call
 QUEUE_SIZE = 32  # requests waiting beyond this are refused with gradio's "queue is full"
+MAX_FILES = 64  # files per "Several images" request, so that one request cannot hold the queue for long
 EMPTY = "Upload, paste or take a photo, or pick an example below it."
 FAILED = "Nothing to show: the last image or option was refused (the message is at the top right)."
 
@@ -73,7 +76,7 @@ def _for_display(photo: Image.Image) -> Image.Image:
 
 def _unique(names: list[str]) -> list[str]:
     """Class names as labels: a name that several classes share (ImageNet's two 'crane's) gets its index."""
-    counts = {name: names.count(name) for name in set(names)}
+    counts = Counter(names)
     return [f"{name} (class {i})" if counts[name] > 1 else name for i, name in enumerate(names)]
 
 
@@ -136,7 +139,8 @@ class DemoPage:
         try:
             return load_image(path), name
         except UnreadableImage as e:
-            raise gr.Error(f"{name}: {e.reason}", title="Cannot read the image") from None
+            # the toast renders HTML: the name is the user's own, but still only text
+            raise gr.Error(f"{html.escape(name)}: {e.reason}", title="Cannot read the image") from None
 
     def classify(
         self,
@@ -159,7 +163,11 @@ class DemoPage:
         if image is None:
             return None, None, EMPTY
         stages = [AUTO_STAGE, *map(str, range(1, self.stages + 1))]
-        if cam_method not in CAM_NAMES or str(cam_stage) not in stages or not -1 <= int(cam_class) < len(self.labels):
+        if (
+            cam_method not in CAM_NAMES
+            or str(cam_stage) not in stages
+            or not PREDICTED <= int(cam_class) < len(self.labels)
+        ):
             raise gr.Error(f"no {cam_method!r} map of class {cam_class!r} at stage {cam_stage!r}", title="Bad option")
         data, net, top = self.data(input_size), self._model(model), self._top(top)
         side = data["input_size"][-1]
@@ -224,6 +232,8 @@ class DemoPage:
         unreadable file gets a row saying why)."""
         if not images:
             return []
+        if len(images) > MAX_FILES:
+            raise gr.Error(f"at most {MAX_FILES} files at a time, not {len(images)}", title="Too many files")
         classifier = dataclasses.replace(self.classifier, model=self._model(model), data=self.data(input_size))
         try:
             results, unreadable = predict_files(classifier, list(images), self._top(top), batch_size=8)
@@ -278,7 +288,9 @@ def build_app(page: DemoPage, examples: list[Path]) -> gr.Blocks:
                     )
                 classify = gr.Button("Classify", variant="primary")
                 shown_examples = (
-                    gr.Examples([[str(p)] for p in examples], inputs=image, label="Examples") if examples else None
+                    gr.Examples([[str(p)] for p in examples], inputs=image, label="Examples", elem_id="examples")
+                    if examples
+                    else None
                 )
             with gr.Column():
                 label = gr.Label(label="Top classes", elem_id="top-classes")
@@ -296,32 +308,32 @@ def build_app(page: DemoPage, examples: list[Path]) -> gr.Blocks:
         # the image's `input` (the user uploads, pastes, shoots or clears) rather than `change`, which gradio fires
         # twice when an upload replaces an image; preprocess=False: the image reaches `load_image` unopened (gradio
         # still checks that the path is an upload)
-        events = [
-            gr.on(
-                [classify.click, image.input, *(o.change for o in inputs[1:])],
-                page.classify,
-                inputs,
-                outputs,
-                api_name="classify",
-                preprocess=False,
-            )
-        ]
+        classified = gr.on(
+            [classify.click, image.input, *(o.change for o in inputs[1:])],
+            page.classify,
+            inputs,
+            outputs,
+            api_name="classify",
+            preprocess=False,
+        )
+        nothing = (None, None, FAILED)
+        events = [(classified, outputs, nothing)]
         if shown_examples is not None:  # an example sets the image without an `input` event
-            events.append(
-                shown_examples.load_input_event.then(
-                    page.classify, inputs, outputs, preprocess=False, api_visibility="private"
-                )
+            example = shown_examples.load_input_event.then(
+                page.classify, inputs, outputs, preprocess=False, api_visibility="private"
             )
-        for event in events:  # the message is gradio's toast; the outputs must not go on showing the last image's
-            event.failure(lambda: (None, None, FAILED), None, outputs, api_visibility="private")
-        compare.click(page.compare, [image, size, top], comparison, api_name="compare", preprocess=False)
-        gr.on(
-            [classify_all.click, files.change],
+            events.append((example, outputs, nothing))
+        compared = compare.click(page.compare, [image, size, top], comparison, api_name="compare", preprocess=False)
+        several = gr.on(
+            [classify_all.click, files.upload],
             page.classify_many,
             [files, top, size, model],
             table,
             api_name="classify_many",
         )
+        events += [(compared, comparison, FAILED), (several, table, [])]
+        for event, shown, cleared in events:  # the message is gradio's toast; no output may show an older answer
+            event.failure(lambda cleared=cleared: cleared, None, shown, api_visibility="private")
     return app
 
 
@@ -363,4 +375,7 @@ def serve(
             ssr_mode=False,
         )
     except OSError as e:
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e}); pass another --port") from None
+        raise UserError(
+            f"--host {host} --port {port}: cannot listen there (the port is taken, or the address is not this "
+            "machine's); pass another --port or --host"
+        ) from e

@@ -35,9 +35,8 @@ __all__ = [
 # "grad-cam": Grad-CAM on a stage's output; "head": the classifier head applied at each position of the last stage's
 # map (the class-activation map of a linear head, generalised to MambaOut's MLP head)
 CAM_METHODS = ("grad-cam", "head")
-# the share of the photo in the blend outside the model's input crop (which the model never saw): dimmed
-_UNSEEN_BRIGHTNESS = 0.35
-_HEAT_WEIGHT = 0.5
+_HEAT_WEIGHT = 0.5  # the colormap's share of the blend inside the model's crop
+_UNSEEN_BRIGHTNESS = 0.35  # outside it (what the model never saw) the photo is only dimmed
 
 
 @dataclass

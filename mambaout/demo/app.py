@@ -52,6 +52,8 @@ DISPLAY_SIDE = 640  # the activation map is drawn on the photo scaled to about t
 COMPARE_REPEATS = 5  # timed calls per model in a comparison, after one untimed warm-up call
 QUEUE_SIZE = 32  # requests waiting beyond this are refused with gradio's "queue is full"
 MAX_FILES = 64  # files per "Several images" request, so that one request cannot hold the queue for long
+# the upload's preview fills its box: gradio only shrinks images, so an 8×8 scan would stay a dot
+PAGE_CSS = "#photo img { object-fit: contain; }"
 EMPTY = "Upload, paste or take a photo, or pick an example below it."
 FAILED = "Nothing to show: the last image or option was refused (the message is at the top right)."
 
@@ -373,6 +375,7 @@ def serve(
             max_file_size=int(max_upload_mb * 2**20),
             show_error=False,
             ssr_mode=False,
+            css=PAGE_CSS,
         )
     except OSError as e:
         raise UserError(

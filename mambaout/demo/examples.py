@@ -48,7 +48,7 @@ def held_out_images(val_root: Path, limit: int = MAX_HELD_OUT) -> list[Path]:
     """The first image (by name) of each class folder under `val_root`, for the first `limit` classes."""
     found = []
     for name in class_folders(val_root)[:limit]:
-        images = list_images([val_root / name])
+        images, _ = list_images([val_root / name])
         if images:
             found.append(images[0])
     return found

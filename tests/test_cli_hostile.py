@@ -87,6 +87,8 @@ def _base(ws: Workspace, command: str) -> list[str]:
         "plot": ["plot", str(ws.run), "--output", str(ws.root / "curves.png")],
         "bench": ["bench", "--model", "mambaout_femto", "--repeats", "1", "--batch-size", "1"],
         "export": ["export", "--model", "mambaout_femto", "--format", "onnx", "--output", str(ws.root / "m.onnx")],
+        # a valid demo would serve until stopped: a checkpoint that is missing makes a case that slips through fail
+        "demo": ["demo", "--checkpoint", str(ws.root / "missing.pth")],
     }[command]
 
 

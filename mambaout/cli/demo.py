@@ -13,6 +13,7 @@ examples:
 import argparse
 from pathlib import Path
 
+from mambaout.cli.args import integer, number
 from mambaout.errors import UserError
 from mambaout.train.distributed import resolve_device
 
@@ -31,19 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     parser.add_argument("--runs", default="runs", help="where to look for the embedded default's runs (runs)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1; 0.0.0.0 for the network)")
-    parser.add_argument("--port", type=int, help="port (default: the first free one from 7860)")
+    parser.add_argument("--port", type=integer(1, 65535), help="port (default: the first free one from 7860)")
     parser.add_argument("--share", type=_on_off, default=False, metavar="true|false", help="gradio share link (false)")
-    parser.add_argument("--max-upload-mb", type=float, default=20, help="largest upload accepted, in MB (20)")
     parser.add_argument(
-        "--max-megapixels", type=float, help="largest image accepted (default: PIL's decompression-bomb limit, ~89)"
+        "--max-upload-mb", type=number(0, low_open=True), default=20, help="largest upload accepted, in MB (20)"
+    )
+    parser.add_argument(
+        "--max-megapixels",
+        type=number(0, low_open=True),
+        help="largest image accepted (default: PIL's decompression-bomb limit, ~89)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-megapixels", args.max_megapixels)):
-        if value is not None and value <= 0:
-            raise UserError(f"{flag} must be > 0 (got {value})")
     try:
         from mambaout.demo.app import serve
     except ModuleNotFoundError as e:

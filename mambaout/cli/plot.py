@@ -22,7 +22,8 @@ def run(args: argparse.Namespace) -> int:
     if not run_dir.metrics.is_file():
         raise UserError(f"{run_dir.metrics} does not exist: is {run_dir.path} a training run folder?")
     output = Path(args.output) if args.output else run_dir.path / "curves.png"
-    check_output(output, "--output", "png", inputs=run_dir.files, force=args.force)
+    # the run's own curves.png is replaced whatever wrote it (plots of older releases carry no mark of ours)
+    check_output(output, "--output", "png", inputs=run_dir.files, force=args.force or not args.output)
     records = run_dir.read_metrics()
     if run_dir.damaged_lines:
         print(f"warning: skipped {run_dir.damaged_lines} damaged lines of {run_dir.metrics}", file=sys.stderr)

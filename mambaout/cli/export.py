@@ -6,13 +6,17 @@ sizes, and kept only when its outputs match PyTorch's to --atol.
 """
 
 import argparse
+from pathlib import Path
 
 from torch import nn
 
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model
 from mambaout.models import create_model, get_spec
-from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict
+from mambaout.train.checkpoint import is_run_checkpoint
+from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict, unwrap_state_dict
+from mambaout.weights.download import is_url
+from mambaout.weights.io import read_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,12 +37,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> nn.Module:
-    """Variant `name` with the checkpoint's weights (its number of classes unless `num_classes` is given)."""
+    """Variant `name` with the checkpoint's weights (its number of classes unless `num_classes` is given), built
+    with the model arguments a `mambaout train` checkpoint saved (its token mixer, say)."""
     get_spec(name)  # an unknown name fails before reading a possibly large checkpoint
     if checkpoint is None:
         return create_model(name, num_classes=num_classes)
-    weights = our_layout(read_state_dict(checkpoint), checkpoint)
-    model = create_model(name, num_classes=checkpoint_num_classes(weights) if num_classes is None else num_classes)
+    path = Path(checkpoint).expanduser()
+    loaded = read_file(path) if not is_url(checkpoint) and path.is_file() else None
+    model_kwargs = loaded["config"].get("model_kwargs") or {} if is_run_checkpoint(loaded) else {}
+    state = unwrap_state_dict(loaded, name=checkpoint) if loaded is not None else read_state_dict(checkpoint)
+    weights = our_layout(state, checkpoint)
+    classes = checkpoint_num_classes(weights) if num_classes is None else num_classes
+    model = create_model(name, num_classes=classes, **model_kwargs)
     load_checkpoint(model, weights, name=checkpoint)
     return model
 

@@ -101,9 +101,9 @@ class SSMMixer(nn.Module):
         length, state = height * width, self.state_size
         x = self.act(self.conv(x))  # [B, H, W, C]
         xs = torch.stack([self._sequence(x, *order) for order in self.orders], 1)  # [B, K, C, L]
-        projected = torch.einsum("bkcl,krc->bkrl", xs, self.x_proj_weight)  # [B, K, R + 2N, L]
+        projected = self.x_proj_weight @ xs  # [K, R + 2N, C] @ [B, K, C, L] -> [B, K, R + 2N, L]
         dt, B, C = projected.split((self.dt_rank, state, state), dim=2)  # B, C: [B, K, N, L]
-        dt = torch.einsum("bkrl,kcr->bkcl", dt, self.dt_proj_weight)  # [B, K, C, L]
+        dt = self.dt_proj_weight @ dt  # [K, C, R] @ [B, K, R, L] -> [B, K, C, L]
         y = selective_scan(
             xs.reshape(batch, -1, length),
             dt.reshape(batch, -1, length),

@@ -162,3 +162,12 @@ def test_mixer_kwargs_reach_the_mixer():
     assert len(model.stages[0].blocks[0].mixer.orders) == 2
     attn = GatedCNNBlock(64, token_mixer="attention", mixer_kwargs={"head_dim": 16}).mixer
     assert attn.heads == 4 and not attn.causal
+
+
+@pytest.mark.parametrize("name", MIXERS)
+def test_every_mixer_block_traces_with_torch_fx(name):
+    b = block(name)
+    graph = torch.fx.symbolic_trace(b)
+    x = torch.randn(2, HEIGHT, WIDTH, DIM)
+    with torch.no_grad():
+        assert torch.equal(graph(x), b(x))

@@ -23,6 +23,9 @@ from mambaout.layers.scan import SCAN_METHODS, selective_scan
 
 __all__ = ["SSMMixer"]
 
+# a leaf for torch.fx: symbolic tracing records the call (the scan checks its input shapes in Python)
+torch.fx.wrap("selective_scan")
+
 # (column-major, reversed) of each scan order, by the number of directions; VMamba's cross-scan order for 4
 _ORDERS = {
     1: ((False, False),),

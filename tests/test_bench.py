@@ -88,6 +88,18 @@ def test_run_benchmark_tiny(kwargs, expected):
     assert rows[expected[0]][-1] == 1.0
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_token_mixer_rows_have_their_own_params_and_macs(train):
+    mixers = ("conv", "conv_ssm", "attention")
+    settings = BenchSettings(batch_size=2, img_size=64, repeats=1, threads=1, train=train, token_mixers=mixers)
+    text = run_benchmark(settings)
+    assert "--token-mixer conv,conv_ssm,attention" in settings.command() and "selective scan" in text
+    rows = table_rows(text)
+    assert list(rows) == list(mixers) and rows["conv"][-1] == 1.0
+    assert rows["conv_ssm"][0] > rows["conv"][0] and rows["conv_ssm"][1] > rows["conv"][1]  # params, GMACs
+    assert rows["attention"][1] > rows["conv"][1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -96,6 +108,8 @@ def test_run_benchmark_tiny(kwargs, expected):
         (["--onnx", "--dtype", "bf16"], "--onnx times fp32 inference"),
         (["--levers", "--dtype", "bf16"], "--levers times fp32 inference levers"),
         (["--device", "tpu"], "unknown device"),
+        (["--token-mixer", "conv,mamba"], "--token-mixer mamba: choose from conv"),
+        (["--token-mixer", "all", "--onnx"], "drop --onnx, --levers and --compile"),
     ],
 )
 def test_cli_bad_flags_are_one_line_errors(argv, message, capsys):

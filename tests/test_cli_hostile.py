@@ -89,6 +89,9 @@ def _base(ws: Workspace, command: str) -> list[str]:
         "export": ["export", "--model", "mambaout_femto", "--format", "onnx", "--output", str(ws.root / "m.onnx")],
         # a valid demo would serve until stopped: a checkpoint that is missing makes a case that slips through fail
         "demo": ["demo", "--checkpoint", str(ws.root / "missing.pth")],
+        "tokens": ["tokens"],
+        # as for demo: a case that slips through fails on the missing data, not by running an ablation
+        "ablate": ["ablate", "--data", str(ws.root / "missing"), "--output", str(ws.root / "abl")],
     }[command]
 
 

@@ -32,3 +32,15 @@ def test_readme_table_is_the_generated_one():
 def test_unknown_command_is_one_line_and_exit_2(capsys):
     assert main(["nope"]) == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_models_with_token_mixers_show_what_each_costs(capsys):
+    assert main(["models", "mambaout_femto", "--token-mixer", "conv,conv_ssm,attention"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines() if line.startswith("| mambaout_femto")}
+    assert list(rows) == ["conv", "conv_ssm", "attention"]
+    assert "| 7.305 | 1.148 | 1.00 |" in rows["conv"]
+    ssm_macs = float(rows["conv_ssm"].split("|")[4])
+    assert ssm_macs > 1.148 and "analytic count" in out  # the scan's MACs are in, and the note says how
+    assert main(["models", "--token-mixer", "mamba"]) == 2
+    assert "unknown token mixer mamba" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from mambaout.fast import (
     select_kernels,
 )
 from mambaout.fast.kernels import ONEDNN_MIN_ROWS
-from mambaout.layers import DepthwiseConvMixer, GatedCNNBlock
+from mambaout.layers import TOKEN_MIXERS, DepthwiseConvMixer, GatedCNNBlock
 from mambaout.models import MambaOut
 
 ALL = mambaout.list_models()
@@ -181,6 +181,20 @@ def test_every_block_is_fused_and_other_mixers_are_kept():
     images = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert max_diff(fast_other(images), other(images)) <= ATOL
+
+
+@pytest.mark.parametrize("mixer", [name for name in TOKEN_MIXERS if name != "conv"])
+def test_other_token_mixers_run_unfused_and_match_the_reference(mixer):
+    torch.manual_seed(0)
+    ref = randomize_(MambaOut(depths=(1, 1), dims=(16, 32), num_classes=10, token_mixer=mixer)).eval()
+    fast = optimize_for_inference(ref, micro_batch=2)  # micro-batches of 2 out of 3 images: each image alone
+    assert not any(isinstance(m, FusedGatedCNNBlock) for m in fast.modules())
+    images = torch.randn(3, 3, 40, 72)
+    with torch.inference_mode():
+        assert max_diff(fast(images), ref(images)) <= ATOL
+        feats = fast.forward_intermediates(images, intermediates_only=True)
+        want = ref.forward_intermediates(images, intermediates_only=True)
+        assert all(max_diff(f, w) <= ATOL for f, w in zip(feats, want, strict=True))
 
 
 def test_compiled_path_matches_reference():

@@ -41,12 +41,16 @@ class BenchPath:
         run: One call: a forward pass, or a whole training step; returns when the work is done.
         baseline: The row the others are compared with (one per table).
         note: What this path is, for the table's notes.
+        params: Parameters of this path's model, when the paths run different models (else the table's).
+        macs: Multiply-accumulates per image of this path's model, likewise.
     """
 
     name: str
     run: Callable[[], object]
     baseline: bool = False
     note: str = ""
+    params: int | None = None
+    macs: int | None = None
 
 
 @dataclass
@@ -58,12 +62,16 @@ class PathResult:
         latencies_s: Every timed call, in seconds.
         peak_mib: Peak extra memory of one call in MiB, or None when it could not be measured.
         baseline: Whether this is the baseline row.
+        params: The path's own parameter count, or None for the table's.
+        macs: The path's own MACs per image, or None for the table's.
     """
 
     name: str
     latencies_s: list[float] = field(default_factory=list)
     peak_mib: float | None = None
     baseline: bool = False
+    params: int | None = None
+    macs: int | None = None
 
     def quantile_ms(self, q: float) -> float:
         """Latency quantile `q` in [0, 1] in milliseconds (linear interpolation between calls)."""
@@ -103,7 +111,7 @@ def measure(
     Returns:
         One `PathResult` per path, in the order given (memory not yet measured).
     """
-    results = {p.name: PathResult(p.name, baseline=p.baseline) for p in paths}
+    results = {p.name: PathResult(p.name, baseline=p.baseline, params=p.params, macs=p.macs) for p in paths}
     for p in paths:
         for _ in range(warmup):
             p.run()
@@ -218,8 +226,8 @@ def markdown_table(
         command: The command line that reproduces it.
         results: Measured paths; exactly one should be the baseline.
         batch_size: Images per call.
-        params: Parameters of the model.
-        macs: Multiply-accumulates per image.
+        params: Parameters of the model (rows with their own `params` show theirs).
+        macs: Multiply-accumulates per image (likewise).
         machine: `machine_summary()` taken before the run (its load is the load before).
         load_after: Load average after the run.
         notes: Extra lines under the table.
@@ -241,7 +249,8 @@ def markdown_table(
     for r in results:
         ips = r.images_per_s(batch_size)
         lines.append(
-            f"| {r.name} | {params / 1e6:.2f} | {macs / 1e9:.3f} | {ips:.2f} | {r.quantile_ms(0.5):.1f} | "
+            f"| {r.name} | {(r.params or params) / 1e6:.2f} | {(r.macs or macs) / 1e9:.3f} | {ips:.2f} | "
+            f"{r.quantile_ms(0.5):.1f} | "
             f"{r.quantile_ms(0.9):.1f} | {_fmt(r.peak_mib)} | {ips / base_ips:.2f} |"
         )
     lines += [""] + [f"- {n}" for n in notes if n]

@@ -19,10 +19,10 @@ from torch import nn
 from mambaout.bench.harness import BenchPath
 from mambaout.fast import KernelSet, optimize_for_inference, select_kernels
 from mambaout.fast.train_step import TrainStepConfig, autocast, fused_adamw, make_train_step
-from mambaout.models import MambaOut
+from mambaout.models import MambaOut, create_model, model_complexity
 from mambaout.weights import convert_state_dict
 
-__all__ = ["inference_paths", "lever_paths", "onnx_paths", "timm_twin", "train_paths"]
+__all__ = ["inference_paths", "lever_paths", "mixer_paths", "onnx_paths", "timm_twin", "train_paths"]
 
 
 def timm_twin(model: MambaOut, name: str) -> nn.Module:
@@ -142,8 +142,7 @@ def train_paths(
     levers for the device, or with `levers` one row per lever added: the fused AdamW alone (whole batch, reference
     blocks), + cache-sized micro-batches, + split linears.
     """
-    gen = torch.Generator().manual_seed(0)
-    targets = torch.randint(0, model.num_classes, (x.shape[0],), generator=gen).to(x.device)
+    targets = _targets(model, x)
     twin = timm_twin(model, name).train()
     twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.05)
     loss_fn = nn.CrossEntropyLoss()
@@ -156,15 +155,7 @@ def train_paths(
         twin_opt.zero_grad(set_to_none=True)
 
     def ours(**step_options) -> Callable[[], float]:
-        copy_ = copy.deepcopy(model).train()
-        amp = None if dtype == torch.float32 else dtype
-        step = make_train_step(
-            copy_,
-            fused_adamw(copy_.parameters(), lr=1e-4, weight_decay=0.05),
-            loss_fn,
-            TrainStepConfig(amp_dtype=amp, **step_options),
-        )
-        return lambda: step(x, targets)
+        return _our_train_step(model, x, targets, dtype, **step_options)
 
     tag = "" if dtype == torch.float32 else " bf16 autocast"
     paths = [BenchPath(f"timm train step{tag}", timm_step, baseline=True)]
@@ -177,3 +168,44 @@ def train_paths(
         BenchPath("+ micro-batches", ours(micro_batch=micro_batch, split_linears=False)),
         BenchPath("+ split linears", ours(micro_batch=micro_batch, split_linears=True)),
     ]
+
+
+def _targets(model: MambaOut, x: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.num_classes, (x.shape[0],), generator=gen).to(x.device)
+
+
+def _our_train_step(
+    model: MambaOut, x: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, **step_options
+) -> Callable[[], float]:
+    """`mambaout.fast.train_step` on a copy of `model` (fused AdamW), as one call on (x, targets)."""
+    copy_ = copy.deepcopy(model).train()
+    amp = None if dtype == torch.float32 else dtype
+    step = make_train_step(
+        copy_,
+        fused_adamw(copy_.parameters(), lr=1e-4, weight_decay=0.05),
+        nn.CrossEntropyLoss(),
+        TrainStepConfig(amp_dtype=amp, **step_options),
+    )
+    return lambda: step(x, targets)
+
+
+def mixer_paths(
+    name: str, mixers: tuple[str, ...], x: torch.Tensor, dtype: torch.dtype, micro_batch: int | None, train: bool
+) -> list[BenchPath]:
+    """Variant `name` built with each token mixer (random weights, same seed), the first the baseline: our inference
+    path (`optimize_for_inference`, which fuses only the conv mixer's blocks) or our training step. Each row has its
+    own params and MACs (the SSM's selective scan counted by its analytic formula)."""
+    paths = []
+    for i, mixer in enumerate(mixers):
+        torch.manual_seed(0)
+        model = create_model(name, token_mixer=mixer).to(x.device).eval()
+        params, macs = model_complexity(name, tuple(x.shape[-2:]), token_mixer=mixer)
+        if train:
+            run = _our_train_step(model, x, _targets(model, x), dtype, micro_batch=micro_batch)
+        else:
+            run = _infer(optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch), x)
+        what = "training step" if train else "optimize_for_inference"
+        paths.append(BenchPath(mixer, run, baseline=i == 0, note=f"token_mixer={mixer!r}, {what}", params=params,
+                               macs=macs))  # fmt: skip
+    return paths

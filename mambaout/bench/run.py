@@ -15,9 +15,10 @@ from mambaout.bench.harness import (
     peak_memory_mib,
     synchronize,
 )
-from mambaout.bench.paths import inference_paths, lever_paths, onnx_paths, train_paths
+from mambaout.bench.paths import inference_paths, lever_paths, mixer_paths, onnx_paths, train_paths
 from mambaout.errors import UserError
 from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
+from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import create_model, get_spec, model_complexity
 from mambaout.train.distributed import check_device
 
@@ -49,6 +50,8 @@ class BenchSettings:
         malloc: "tuned" (`tune_cpu_allocator` first, so that no path pays page faults for its large tensors on
             every call) or "system" (the allocator as the process has it); the table names the one in use.
         seed: Seed of the random weights and images.
+        token_mixers: Instead of timm against ours: our model built with each of these token mixers
+            (`mambaout.layers.TOKEN_MIXERS`), inference or (with `train`) the training step, the first the baseline.
     """
 
     model: str = "mambaout_femto"
@@ -67,6 +70,7 @@ class BenchSettings:
     micro_batch: int | None = None
     malloc: str = MALLOC_MODES[0]
     seed: int = 0
+    token_mixers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         get_spec(self.model)
@@ -94,6 +98,11 @@ class BenchSettings:
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
         if self.onnx and (self.train or self.dtype != "fp32"):
             raise UserError("--onnx times fp32 inference; drop --train / use --dtype fp32")
+        unknown = [m for m in self.token_mixers if m not in TOKEN_MIXERS]
+        if unknown:
+            raise UserError(f"--token-mixer {','.join(unknown)}: choose from {', '.join(TOKEN_MIXERS)}, or all")
+        if self.token_mixers and (self.onnx or self.levers or self.compile):
+            raise UserError("--token-mixer compares our model's mixers: drop --onnx, --levers and --compile")
         if self.levers and not self.train and self.dtype != "fp32":
             raise UserError("--levers times fp32 inference levers (or training levers with --train); use --dtype fp32")
 
@@ -114,6 +123,8 @@ class BenchSettings:
             args += ["--micro-batch", str(self.micro_batch)]
         if self.malloc != MALLOC_MODES[0]:
             args += ["--malloc", self.malloc]
+        if self.token_mixers:
+            args += ["--token-mixer", ",".join(self.token_mixers)]
         return shlex.join(args)
 
 
@@ -161,7 +172,10 @@ def run_benchmark(settings: BenchSettings) -> str:
     params, macs = model_complexity(settings.model, (settings.img_size, settings.img_size))
     machine = machine_summary(settings.device)
     exported = None
-    if settings.train:
+    if settings.token_mixers:
+        paths = mixer_paths(settings.model, settings.token_mixers, x, dtype, settings.micro_batch, settings.train)
+        params, macs = paths[0].params, paths[0].macs
+    elif settings.train:
         paths = train_paths(model, settings.model, x, dtype, settings.micro_batch, levers=settings.levers)
     elif settings.levers:
         paths = lever_paths(model, settings.model, x, settings.micro_batch)
@@ -180,15 +194,22 @@ def run_benchmark(settings: BenchSettings) -> str:
         if exported is not None:
             shutil.rmtree(exported, ignore_errors=True)
     peak = max(peak, matmul_peak_gflops(dtype, settings.device))
-    flops = 2 * macs * (3 if settings.train else 1)  # a training step is ~3x the forward's FLOPs
+    per_image = 3 if settings.train else 1  # a training step is ~3x the forward's FLOPs
     notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, before and after): {peak:.1f} GFLOP/s"]
+    if settings.token_mixers:
+        notes.append(
+            "MACs: FlopCounterMode / 2, with the SSM's selective scan added by its analytic count B·L·D·(4N + 1) "
+            "(FlopCounterMode counts no elementwise work); attention's L×L products counted in full even when causal"
+        )
     for path, r in zip(paths, results, strict=True):
-        achieved = r.images_per_s(settings.batch_size) * flops / 1e9
+        achieved = r.images_per_s(settings.batch_size) * 2 * (path.macs or macs) * per_image / 1e9
         what = f" ({path.note})" if path.note else ""
         notes.append(f"{r.name}{what}: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the matmul peak")
     kind = "inference levers" if settings.levers else "inference"
     if settings.train:
         kind = "training-step levers" if settings.levers else "training step"
+    if settings.token_mixers:
+        kind = f"token mixers, {kind}"
     title = (
         f"{settings.model}, {kind}, batch {settings.batch_size}, {settings.img_size}², {settings.dtype}, "
         f"{settings.device}"

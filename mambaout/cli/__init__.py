@@ -14,9 +14,9 @@ from mambaout.errors import UserError, one_line
 from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
 
 # each is the module mambaout.cli.<name>; its docstring's first line is its help text
-SUBCOMMANDS = ("models", "convert", "train", "eval", "predict", "plot", "bench", "export", "demo")
+SUBCOMMANDS = ("models", "convert", "train", "eval", "predict", "plot", "bench", "export", "demo", "tokens", "ablate")
 # the subcommands that run models, so that glibc's malloc may keep their large CPU tensors' memory for reuse
-MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench")
+MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench", "ablate")
 _MESSAGE_LIMIT = 2000  # characters of an error line: messages echo what the user gave, which may be huge
 
 

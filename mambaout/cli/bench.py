@@ -3,12 +3,14 @@
 Every path runs in the same process on the same input, interleaved over --repeats rounds, so that other load on
 the machine falls on all of them alike. The table gives params, MACs, images/s, latency p50/p90, peak memory and
 the ratio to timm eager, with the machine, the date and the load average; BENCHMARKS.md keeps these tables.
+With --token-mixer, the rows are our model built with each token mixer instead (what the SSM or attention costs).
 """
 
 import argparse
 
 from mambaout.bench import DTYPES, BenchSettings, run_benchmark
 from mambaout.cli.args import add_force, integer
+from mambaout.layers import TOKEN_MIXERS
 from mambaout.outputs import check_output
 from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.weights.io import atomic_path
@@ -52,8 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--micro-batch", type=integer(1), metavar="N", help="our paths' micro-batch (default: automatic)"
     )
+    parser.add_argument(
+        "--token-mixer",
+        metavar="A,B|all",
+        help="instead of timm vs ours: our model with each of these token mixers, the first the baseline "
+        "(conv_ssm, attention, causal forms; all: every one)",
+    )
     parser.add_argument("--output", metavar="FILE", help="also write the Markdown to FILE (atomically)")
     add_force(parser, "--output", "a bench table")
+
+
+def _mixers(flag: str | None) -> tuple[str, ...]:
+    if flag is None:
+        return ()
+    return tuple(TOKEN_MIXERS) if flag == "all" else tuple(m.strip() for m in flag.split(",") if m.strip())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         micro_batch=args.micro_batch,
         malloc=args.malloc,
+        token_mixers=_mixers(args.token_mixer),
     )
     table = run_benchmark(settings)
     print(table)

@@ -1,9 +1,14 @@
-"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources."""
+"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources.
+
+With --token-mixer: the variants built with other token mixers (the Mamba block's SSM, attention, causal forms),
+their parameters and MACs beside the depthwise conv's.
+"""
 
 import argparse
 
 from mambaout.cli.args import integer
 from mambaout.errors import UserError
+from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import get_spec, list_models, model_complexity
 from mambaout.train.config import MAX_INPUT_SIZE
 
@@ -12,6 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter on names, e.g. '*rw'")
     parser.add_argument(
         "--img-size", type=integer(32, MAX_INPUT_SIZE), default=224, help="square input size for the MAC count (224)"
+    )
+    parser.add_argument(
+        "--token-mixer",
+        metavar="A,B|all",
+        help=f"also build each variant with these token mixers ({', '.join(TOKEN_MIXERS)}, or all)",
     )
 
 
@@ -32,8 +42,38 @@ def variant_table(pattern: str = "*", img_size: int = 224) -> str:
     return "\n".join(rows)
 
 
+def mixer_table(pattern: str = "*", img_size: int = 224, mixers: tuple[str, ...] = tuple(TOKEN_MIXERS)) -> str:
+    """Params and MACs of the variants matching `pattern` with each token mixer, and the MACs over conv's."""
+    rows = [
+        f"| model | token mixer | params (M) | GMACs @{img_size} | × conv's MACs |",
+        "|---|---|---|---|---|",
+    ]
+    for name in list_models(pattern):
+        conv_macs = model_complexity(name, (img_size, img_size))[1]
+        for mixer in mixers:
+            params, macs = model_complexity(name, (img_size, img_size), token_mixer=mixer)
+            rows.append(f"| {name} | {mixer} | {params / 1e6:.3f} | {macs / 1e9:.3f} | {macs / conv_macs:.2f} |")
+    rows += [
+        "",
+        "MACs = FlopCounterMode FLOPs / 2. FlopCounterMode counts matrix multiplies and convolutions only, so the "
+        "SSM's selective scan is added by its analytic count, B·L·D·(4N + 1) per scan (Δ·u, and per state Δ·A, "
+        "Δu·B, the update and the read-out; exponentials not counted); attention's L×L products are counted in "
+        "full, causal or not (a causal kernel can skip half).",
+    ]
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     if not list_models(args.pattern):
         raise UserError(f"no model matches '{args.pattern}': run `mambaout models` to list them all")
-    print(variant_table(args.pattern, args.img_size))
+    if args.token_mixer is None:
+        print(variant_table(args.pattern, args.img_size))
+        return 0
+    wanted = list(TOKEN_MIXERS) if args.token_mixer == "all" else [m.strip() for m in args.token_mixer.split(",")]
+    unknown = [m for m in wanted if m not in TOKEN_MIXERS]
+    if unknown:
+        raise UserError(
+            f"--token-mixer: unknown token mixer {', '.join(unknown)} (mixers: {', '.join(TOKEN_MIXERS)}, or all)"
+        )
+    print(mixer_table(args.pattern, args.img_size, tuple(wanted)))
     return 0

@@ -6,6 +6,10 @@ of 32 (`torch.export` needs the size expressed as a multiple of a symbol). After
 was traced with; its outputs must match the PyTorch model's to `atol`. The output is written atomically: a failed
 export or verification leaves an existing file as it was.
 
+Models with other token mixers export as well (their blocks unfused), except the SSM mixer to ONNX: its selective
+scan is the custom op `mambaout::selective_scan_chunked`, which TorchScript and ExportedProgram files call (so load
+them in a process that imported mambaout) and ONNX has no operator for.
+
 By default a `MambaOut` is written as its fused inference graph (`optimize_for_inference`'s blocks: folded LayerScale,
 no split/cat copies), which ONNX Runtime runs 1.2-1.3× faster at batch 16 than the reference graph; the file is
 still verified against the reference model.
@@ -23,6 +27,7 @@ from torch import nn
 
 from mambaout.errors import UserError
 from mambaout.fast import optimize_for_inference
+from mambaout.layers import SSMMixer
 from mambaout.models import MambaOut
 from mambaout.weights.io import atomic_path
 from mambaout.weights.loading import first_nonfinite
@@ -186,6 +191,11 @@ def export_model(
     """
     if fmt not in FORMATS:
         raise UserError(f"unknown export format '{fmt}': choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx" and any(isinstance(m, SSMMixer) for m in model.modules()):
+        raise UserError(
+            "--format onnx: the selective-scan (SSM) token mixer has no ONNX operator; export it as torchscript or "
+            "exported-program (they call the op `mambaout::selective_scan_chunked`: load them with mambaout imported)"
+        )
     multiple_only = fmt == "exported-program" or (fmt == "onnx" and onnx_dynamo)
     if multiple_only and (img_size[0] % SIZE_MULTIPLE or img_size[1] % SIZE_MULTIPLE):
         raise UserError(f"--img-size {img_size[0]}x{img_size[1]}: {fmt} needs multiples of {SIZE_MULTIPLE}")

@@ -11,7 +11,7 @@ from timm.layers import get_act_layer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mambaout.layers import DepthwiseConvMixer, Downsample, GatedCNNBlock, MlpHead, Stem, TokenMixer
+from mambaout.layers import Downsample, GatedCNNBlock, MlpHead, Stem, TokenMixer
 
 __all__ = ["MambaOut", "MambaOutStage"]
 
@@ -72,7 +72,10 @@ class MambaOut(nn.Module):
         head_hidden_norm: LayerNorm after the head's hidden activation (paper) or not (timm rw).
         drop_path_rate: Stochastic depth of the last block; rates rise linearly from 0 over all blocks.
         drop_rate: Dropout before the classifier.
-        token_mixer: Factory for each block's token mixer (depthwise conv for MambaOut).
+        token_mixer: Each block's token mixer: a name of `mambaout.layers.TOKEN_MIXERS` ("conv" for MambaOut,
+            "conv_ssm" for the Mamba block, "causal_conv", "causal_conv_ssm", "attention", "causal_attention") or
+            a factory.
+        mixer_kwargs: Extra keyword arguments of every token mixer (e.g. `{"scan_directions": 2}`).
     """
 
     def __init__(
@@ -91,7 +94,8 @@ class MambaOut(nn.Module):
         head_hidden_norm: bool = True,
         drop_path_rate: float = 0.0,
         drop_rate: float = 0.0,
-        token_mixer: TokenMixer = DepthwiseConvMixer,
+        token_mixer: str | TokenMixer = "conv",
+        mixer_kwargs: dict | None = None,
     ):
         super().__init__()
         if len(depths) != len(dims):
@@ -119,6 +123,7 @@ class MambaOut(nn.Module):
                     act_layer=act,
                     ls_init_value=ls_init_value,
                     token_mixer=token_mixer,
+                    mixer_kwargs=mixer_kwargs,
                 )
             )
             self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"})
@@ -137,8 +142,9 @@ class MambaOut(nn.Module):
     # --- timm-style model API -------------------------------------------------------------------------------------
 
     def no_weight_decay(self) -> set[str]:
-        """Names of the parameters trained without weight decay: every norm weight, bias and LayerScale."""
-        return {name for name, p in self.named_parameters() if p.ndim <= 1}
+        """Names of the parameters trained without weight decay: every norm weight, bias and LayerScale, and those a
+        layer marks `_no_weight_decay` (the SSM's A and D, as in Mamba)."""
+        return {name for name, p in self.named_parameters() if p.ndim <= 1 or getattr(p, "_no_weight_decay", False)}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Two optimizer groups: decayed matrices/kernels, and undecayed norms, biases and LayerScales."""

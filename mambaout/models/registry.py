@@ -161,13 +161,14 @@ def create_model(
     return model
 
 
-def model_complexity(name: str, img_size: tuple[int, int] = (224, 224)) -> tuple[int, int]:
+def model_complexity(name: str, img_size: tuple[int, int] = (224, 224), **overrides: Any) -> tuple[int, int]:
     """(parameters, multiply-accumulates) of `name` for one image, counted on the meta device (no memory, fast).
 
-    MACs are `FlopCounterMode` FLOPs / 2, the convention of the paper's table.
+    MACs are `FlopCounterMode` FLOPs / 2, the convention of the paper's table; `overrides` are constructor arguments
+    (e.g. `token_mixer="conv_ssm"`, whose selective scan is counted by its analytic formula, `scan_macs`).
     """
     with torch.device("meta"):
-        model = get_spec(name).build()
+        model = get_spec(name).build(**overrides)
         x = torch.empty(1, 3, *img_size)
     params = sum(p.numel() for p in model.parameters())
     with FlopCounterMode(display=False) as counter:

@@ -1,0 +1,80 @@
+"""The selective scan's speed: the chunked scan (the default) against the sequential definition, same inputs.
+
+    python scripts/scan_bench.py [--lengths 196 3136] [--batch 8] [--channels 96] [--state 16] [--repeats 5]
+
+For each length, forward and forward+backward (every input requiring grad, Mamba's Δ bias and softplus, D) are
+timed interleaved through the benchmark harness (`mambaout.bench.measure`) in one process, after
+`tune_cpu_allocator()` as `mambaout bench` does; it prints a Markdown table with the machine, date and load.
+"""
+
+import argparse
+import shlex
+import sys
+
+import torch
+
+from mambaout.bench import BenchPath, machine_summary, measure
+from mambaout.bench.harness import load_average
+from mambaout.fast import tune_cpu_allocator
+from mambaout.layers import selective_scan
+
+
+def scan_call(batch: int, channels: int, state: int, length: int, method: str, backward: bool):
+    """One scan (and its backward) on fixed random inputs, as a no-argument call."""
+    gen = torch.Generator().manual_seed(length)
+    shapes = {"u": (batch, channels, length), "delta": (batch, channels, length), "A": (channels, state)}
+    shapes |= {"B": (batch, state, length), "C": (batch, state, length), "D": (channels,), "bias": (channels,)}
+    t = {k: torch.randn(s, generator=gen) for k, s in shapes.items()}
+    t["A"] = -torch.rand(channels, state, generator=gen) * 4 - 0.1  # negative, as -exp(A_log)
+    for v in t.values():
+        v.requires_grad_(backward)
+
+    def call() -> None:
+        y = selective_scan(t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["bias"], True, method=method)
+        if backward:
+            y.sum().backward()
+
+    return call
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[196, 3136])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--channels", type=int, default=96)
+    parser.add_argument("--state", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: PyTorch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+    machine = machine_summary()
+    lines = [
+        f"### Selective scan, chunked vs sequential: batch {args.batch}, {args.channels} channels, "
+        f"N = {args.state}, fp32",
+        "",
+        f"- command: `python scripts/scan_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
+        f"- machine: {machine['cpu']}; torch {machine['torch']}, {machine['threads']} threads; {machine['allocator']}",
+        f"- date: {machine['date']}; load average (1/5/15 min) before {machine['load']}",
+        f"- {args.repeats} timed calls per path, interleaved with the other method's; medians",
+        "",
+        "| L | pass | sequential (ms) | chunked (ms) | × sequential |",
+        "|---|---|---|---|---|",
+    ]
+    for length in args.lengths:
+        for backward in (False, True):
+            paths = [
+                BenchPath(method, scan_call(args.batch, args.channels, args.state, length, method, backward))
+                for method in ("sequential", "chunked")
+            ]
+            seq, chunked = (r.quantile_ms(0.5) for r in measure(paths, args.repeats))
+            kind = "forward + backward" if backward else "forward"
+            lines.append(f"| {length} | {kind} | {seq:.1f} | {chunked:.1f} | {seq / chunked:.2f} |")
+    lines += ["", f"- load average after: {load_average()}"]
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,5 @@
-"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources."""
+"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources) and every
+pretrained tag (`name.tag`: classes, input sizes, crop)."""
 
 import argparse
 
@@ -27,6 +28,26 @@ def variant_table(pattern: str = "*", img_size: int = 224) -> str:
     return "\n".join(rows)
 
 
+def tag_table(pattern: str = "*") -> str:
+    """A Markdown table of the pretrained tags of the variants matching `pattern` (the first is the default)."""
+    rows = [
+        "| model.tag | classes | input | test input | crop_pct | crop mode | top-1 (published) | weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in map(get_spec, list_models(pattern)):
+        for cfg in spec.tags:
+            top1 = f"{cfg.top1:.2f}" if cfg.top1 is not None else "-"
+            sources = ", ".join(s.name for s in cfg.sources) or "-"
+            sizes = [f"{size[1]}x{size[2]}" for size in (cfg.input_size, cfg.test_input_size)]
+            rows.append(
+                f"| {spec.name}.{cfg.tag} | {cfg.num_classes} | {sizes[0]} | {sizes[1]} | {cfg.crop_pct} | "
+                f"{cfg.crop_mode} | {top1} | {sources} |"
+            )
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     print(variant_table(args.pattern, args.img_size))
+    print()
+    print(tag_table(args.pattern))
     return 0

@@ -3,6 +3,7 @@
 - `layouts`: the three key layouts (ours, timm, official), detection and conversion.
 - `io`: safe reading (never unpickling code) and atomic writing of `.pth` / `.safetensors` files.
 - `download`: fetching published weights once into the torch.hub cache, with SHA-256 checks.
+- `hub`: hub folders in timm's format (`config.json` + `model.safetensors`), on disk or in huggingface_hub's cache.
 - `loading`: unwrapping training checkpoints and loading any layout into a model, with clear errors.
 """
 
@@ -12,6 +13,7 @@ from mambaout.weights.layouts import LAYOUTS, convert_state_dict, detect_layout
 from mambaout.weights.loading import (
     checkpoint_num_classes,
     load_checkpoint,
+    load_checkpoint_path,
     load_pretrained,
     our_layout,
     read_state_dict,
@@ -25,6 +27,7 @@ __all__ = [
     "detect_layout",
     "download_cached",
     "load_checkpoint",
+    "load_checkpoint_path",
     "load_pretrained",
     "our_layout",
     "read_state_dict",

@@ -36,3 +36,11 @@ def test_unknown_command_is_one_line_and_exit_2(capsys):
         main(["nope"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_models_command_lists_every_pretrained_tag(capsys):
+    assert main(["models", "*plus*", "--tags"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mambaout_base_plus_rw.")]
+    assert [row.split(" | ")[0][2:] for row in rows] == mambaout.list_models("*plus*", include_tags=True)
+    assert "| mambaout_base_plus_rw.sw_e150_in12k | 11821 | 224x224 | 288x288 |" in "\n".join(rows)
+    assert "| mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k | 1000 | 384x384 | 384x384 | 1.0 | squash |" in rows[1]

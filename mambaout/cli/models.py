@@ -1,5 +1,5 @@
-"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources) and every
-pretrained tag (`name.tag`: classes, input sizes, crop)."""
+"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources), or with
+`--tags` every pretrained tag (`name.tag`: classes, input sizes, crop)."""
 
 import argparse
 
@@ -9,6 +9,7 @@ from mambaout.models import get_spec, list_models, model_complexity
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter on names, e.g. '*rw'")
     parser.add_argument("--img-size", type=int, default=224, help="square input size for the MAC count (224)")
+    parser.add_argument("--tags", action="store_true", help="list the pretrained tags (name.tag) and their configs")
 
 
 def variant_table(pattern: str = "*", img_size: int = 224) -> str:
@@ -47,7 +48,5 @@ def tag_table(pattern: str = "*") -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(variant_table(args.pattern, args.img_size))
-    print()
-    print(tag_table(args.pattern))
+    print(tag_table(args.pattern) if args.tags else variant_table(args.pattern, args.img_size))
     return 0

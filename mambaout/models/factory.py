@@ -6,13 +6,13 @@ pretrained weights and then `checkpoint_path`, and wrap the network for `feature
 the hub folder timm's `create_model("local-dir:DIR", pretrained=True)` reads.
 """
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import timm.data
 import timm.models
 import torch
 from timm.layers import set_layer_config
@@ -25,7 +25,7 @@ from mambaout.models.registry import get_spec, split_tag
 from mambaout.weights import load_checkpoint, load_checkpoint_path, load_pretrained, read_state_dict
 from mambaout.weights.hub import read_hub_config, split_source, write_hub_folder
 
-__all__ = ["create_model", "save_pretrained"]
+__all__ = ["create_model", "hub_config", "save_pretrained"]
 
 # where a pretrained config says its weights are, in timm's order of precedence
 _SOURCE_KEYS = ("state_dict", "file", "hf_hub_id", "url")
@@ -55,8 +55,15 @@ def _check_timm_args(args: Mapping[str, Any], where: str) -> None:
         raise UserError(f"{where} has model arguments timm's MambaOut and this one do not share: {', '.join(unknown)}")
 
 
-def _source_dict(pretrained_cfg: Mapping[str, Any] | timm.models.PretrainedCfg) -> dict[str, Any]:
-    return pretrained_cfg.to_dict() if isinstance(pretrained_cfg, timm.models.PretrainedCfg) else dict(pretrained_cfg)
+def _timm_cfg(pretrained_cfg: Mapping[str, Any] | timm.models.PretrainedCfg) -> dict[str, Any]:
+    """A whole pretrained config given by the caller, completed with timm's defaults as timm completes it."""
+    if isinstance(pretrained_cfg, timm.models.PretrainedCfg):
+        return pretrained_cfg.to_dict()
+    known = {f.name for f in dataclasses.fields(timm.models.PretrainedCfg)}
+    unknown = sorted(set(pretrained_cfg) - known)
+    if unknown:
+        raise UserError(f"pretrained_cfg has keys timm does not know: {', '.join(map(repr, unknown))}")
+    return timm.models.PretrainedCfg(**pretrained_cfg).to_dict()
 
 
 def create_model(
@@ -122,12 +129,12 @@ def create_model(
         hub_args = {k: v for k, v in config["model_args"].items() if k != "num_classes"}
         _check_timm_args(hub_args, model_name)
         kwargs = {**hub_args, **kwargs}
-        explicit = cfg  # the folder's own weights
+        explicit = {"file": f"{hub}:{location}"}  # the folder's own weights
     else:
         spec = get_spec(model_name)
         tag_cfg = spec.tag_cfg(pretrained_cfg if isinstance(pretrained_cfg, str) else split_tag(model_name)[1])
         given = pretrained_cfg is not None and not isinstance(pretrained_cfg, str)
-        cfg = _source_dict(pretrained_cfg) if given else tag_cfg.timm_dict(spec.name)
+        cfg = _timm_cfg(pretrained_cfg) if given else tag_cfg.timm_dict(spec.name)
         explicit = cfg if given else {}
     overlay = dict(pretrained_cfg_overlay or {})
     cfg = {**cfg, **overlay, "architecture": spec.name}
@@ -160,23 +167,16 @@ def create_model(
     return extractor
 
 
-def save_pretrained(model: MambaOut, directory: str | os.PathLike) -> Path:
-    """Write `model` as a hub folder in timm's format, which `timm.create_model("local-dir:DIR")` loads.
-
-    The folder gets `model.safetensors` (timm's key layout) and `config.json` (architecture, num_classes,
-    num_features, global_pool, the creation arguments as `model_args`, and the pretrained config of the model's
-    current input, as timm's `save_for_hf` writes it).
-
-    Args:
-        model: A model from `create_model` (a registered architecture, any classifier size and input channels).
-        directory: The folder, created if missing.
+def hub_config(model: MambaOut) -> dict[str, Any]:
+    """The `config.json` `save_pretrained` writes for `model`, in the form timm's `save_for_hf` writes.
 
     Returns:
-        The folder.
+        architecture, num_classes, num_features, global_pool, the creation arguments as `model_args` (the ones
+        timm's MambaOut shares), and the pretrained config of the model's current input and classes.
 
     Raises:
-        UserError: The model is not a registered architecture timm can rebuild (built with arguments timm does not
-            share, pruned, or its head reset with `reset_other`), or the folder cannot be written.
+        UserError: The model is not a registered architecture timm can rebuild: not built by `create_model`, built
+            with arguments timm does not share, pruned, or its head reset with `reset_other`.
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if not isinstance(model, MambaOut) or not isinstance(cfg, Mapping) or "architecture" not in cfg:
@@ -187,8 +187,7 @@ def save_pretrained(model: MambaOut, directory: str | os.PathLike) -> Path:
     _check_timm_args(args, f"this {name}")
     with torch.device("meta"):
         twin = get_spec(name).build(**args)
-    shapes = {k: v.shape for k, v in twin.state_dict().items()}
-    if shapes != {k: v.shape for k, v in model.state_dict().items()}:
+    if {k: v.shape for k, v in twin.state_dict().items()} != {k: v.shape for k, v in model.state_dict().items()}:
         raise UserError(
             f"this {name} no longer has {name}'s layers (pruned, or its head reset): timm cannot rebuild it"
         )
@@ -197,14 +196,20 @@ def save_pretrained(model: MambaOut, directory: str | os.PathLike) -> Path:
     except TypeError as e:
         raise UserError(f"this {name} was built with arguments a config file cannot hold ({e})") from e
 
-    source_keys = (*_SOURCE_KEYS, "hf_hub_filename", "source")
-    pretrained_cfg = {k: v for k, v in cfg.items() if k not in source_keys and v is not None}
-    # timm's own resolution of the input settings for the model's channels (it averages mean/std for one channel)
-    pretrained_cfg.update(timm.data.resolve_data_config(args={"in_chans": model.in_chans}, pretrained_cfg=cfg))
-    if "test_input_size" in pretrained_cfg:
-        pretrained_cfg["test_input_size"] = (model.in_chans, *pretrained_cfg["test_input_size"][1:])
+    # where the weights came from does not travel with them, nor the architecture (a top-level key), as in timm
+    dropped = (*_SOURCE_KEYS, "hf_hub_filename", "source", "architecture")
+    pretrained_cfg = {k: v for k, v in cfg.items() if k not in dropped and v is not None}
+    # the current input, as timm's save_for_hf records it: the model's channels, and a mean/std that does not fit
+    # them replaced by its average
+    chans = model.in_chans
+    for key in ("input_size", "test_input_size"):
+        if key in pretrained_cfg:
+            pretrained_cfg[key] = (chans, *pretrained_cfg[key][1:])
+    for key in ("mean", "std"):
+        if key in pretrained_cfg and len(pretrained_cfg[key]) not in (1, chans):
+            pretrained_cfg[key] = (sum(pretrained_cfg[key]) / len(pretrained_cfg[key]),)
     pretrained_cfg.update(num_classes=model.num_classes, custom_load=False, fixed_input_size=False)
-    config = {
+    return {
         "architecture": name,
         "num_classes": model.num_classes,
         "num_features": model.num_features,
@@ -212,4 +217,21 @@ def save_pretrained(model: MambaOut, directory: str | os.PathLike) -> Path:
         "model_args": args,
         "pretrained_cfg": pretrained_cfg,
     }
-    return write_hub_folder(directory, config, model.state_dict())
+
+
+def save_pretrained(model: MambaOut, directory: str | os.PathLike) -> Path:
+    """Write `model` as a hub folder in timm's format, which `timm.create_model("local-dir:DIR")` loads.
+
+    The folder gets `model.safetensors` (timm's key layout) and `config.json` (`hub_config`).
+
+    Args:
+        model: A model from `create_model` (a registered architecture, any classifier size and input channels).
+        directory: The folder, created if missing.
+
+    Returns:
+        The folder.
+
+    Raises:
+        UserError: The model is not one timm can rebuild (see `hub_config`), or the folder cannot be written.
+    """
+    return write_hub_folder(directory, hub_config(model), model.state_dict())

@@ -61,7 +61,7 @@ class PretrainedCfg:
     input_size: tuple[int, int, int] = (3, 224, 224)
     test_input_size: tuple[int, int, int] = (3, 288, 288)
     crop_pct: float = 1.0
-    test_crop_pct: float = 1.0
+    test_crop_pct: float | None = None  # None: crop_pct
     crop_mode: str = "center"
     interpolation: str = "bicubic"
     mean: tuple[float, float, float] = IMAGENET_MEAN
@@ -155,11 +155,11 @@ _register("mambaout_small", _tag("in1k", 84.1), depths=(3, 4, 27, 3), dims=(96, 
 _register("mambaout_base", _tag("in1k", 84.2, 84.73), depths=(3, 4, 27, 3), dims=(128, 256, 512, 768))
 _register("mambaout_small_rw", _tag("sw_e450_in1k", 84.04), "timm-rw",
           depths=(3, 4, 27, 3), dims=(96, 192, 384, 576), **_RW)
-_register("mambaout_base_short_rw", _tag("sw_e500_in1k", 84.36, crop_pct=0.95), "timm-rw",
+_register("mambaout_base_short_rw", _tag("sw_e500_in1k", 84.36, crop_pct=0.95, test_crop_pct=1.0), "timm-rw",
           depths=(3, 3, 25, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.25, **_RW)
-_register("mambaout_base_tall_rw", _tag("sw_e500_in1k", 84.44, crop_pct=0.95), "timm-rw",
+_register("mambaout_base_tall_rw", _tag("sw_e500_in1k", 84.44, crop_pct=0.95, test_crop_pct=1.0), "timm-rw",
           depths=(3, 4, 30, 3), dims=(128, 256, 512, 768), expansion_ratio=2.5, conv_ratio=1.25, **_RW)
-_register("mambaout_base_wide_rw", _tag("sw_e500_in1k", 84.45, crop_pct=0.95), "timm-rw",
+_register("mambaout_base_wide_rw", _tag("sw_e500_in1k", 84.45, crop_pct=0.95, test_crop_pct=1.0), "timm-rw",
           depths=(3, 4, 27, 3), dims=(128, 256, 512, 768), expansion_ratio=3.0, conv_ratio=1.5, act_layer="silu", **_RW)
 _register("mambaout_base_plus_rw", (
               _tag("sw_e150_in12k_ft_in1k", 86.64),

@@ -163,6 +163,9 @@ def test_creation_arguments_pass_through_and_none_is_ignored():
     assert model.num_classes == 0 and model.head.pool_type == "avg"
     scripted = meta_model("mambaout_femto", scriptable=True, exportable=True, no_jit=True)
     assert isinstance(scripted, MambaOut)
+    placed = mambaout.create_model("mambaout_base", device="meta", dtype=torch.bfloat16)
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for p in placed.parameters())
+    assert "device" not in placed.model_args
 
 
 def test_reset_classifier_as_timm():

@@ -6,6 +6,7 @@ pretrained weights and then `checkpoint_path`, and wrap the network for `feature
 the hub folder timm's `create_model("local-dir:DIR", pretrained=True)` reads.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -110,7 +111,8 @@ def create_model(
         no_jit: As `scriptable`.
         **kwargs: Constructor arguments such as `in_chans` (a 3-channel checkpoint's first conv is adapted as
             timm's `adapt_input_conv` does), `global_pool` ("avg", "max", "avgmax", ""), `drop_rate`,
-            `drop_path_rate`. None values are ignored, as in timm.
+            `drop_path_rate`; and `device` / `dtype` to build the model on or in. None values are ignored, as in
+            timm.
 
     Returns:
         The model in train mode, with `pretrained_cfg` and `default_cfg` (the same dict, timm's keys) describing its
@@ -141,8 +143,12 @@ def create_model(
     sources = {k: v for k, v in {**explicit, **overlay}.items() if k in _SOURCE_KEYS and v is not None}
     classes = cfg.get("num_classes", 1000) if num_classes is None else num_classes
 
-    with set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # where to build, not what
+    placement = torch.device(device) if device is not None else contextlib.nullcontext()
+    with placement, set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
         model = spec.build(num_classes=classes, **{"in_chans": cfg.get("input_size", (3,))[0], **kwargs})
+    if dtype is not None:
+        model.to(dtype)
     model.pretrained_cfg = model.default_cfg = {**cfg, "num_classes": classes}
     model.model_args = kwargs  # what `save_pretrained` records for rebuilding
 

@@ -57,8 +57,9 @@ def test_every_tag_timm_publishes_is_registered():
 @pytest.mark.parametrize("name", mambaout.list_models() + mambaout.list_models(include_tags=True))
 def test_pretrained_cfg_is_timms(name):
     """The config attached to a model is timm's registry entry for the name (a bare name: the default tag)."""
-    ours, theirs = meta_model(name).pretrained_cfg, timm.models.get_pretrained_cfg(name).to_dict()
-    assert meta_model(name).default_cfg is not None
+    model, theirs = meta_model(name), timm.models.get_pretrained_cfg(name).to_dict()
+    ours = model.pretrained_cfg
+    assert model.default_cfg is ours
     url = ours.pop("url", None)
     assert url is None or url.startswith("https://github.com/yuweihao/MambaOut/")  # the official release
     assert theirs.pop("url") == ""

@@ -140,7 +140,7 @@ def create_model(
         explicit = cfg if given else {}
     overlay = dict(pretrained_cfg_overlay or {})
     cfg = {**cfg, **overlay, "architecture": spec.name}
-    sources = {k: v for k, v in {**explicit, **overlay}.items() if k in _SOURCE_KEYS and v is not None}
+    sources = {k: v for k, v in {**explicit, **overlay}.items() if k in _SOURCE_KEYS and v}  # timm: '' is none
     classes = cfg.get("num_classes", 1000) if num_classes is None else num_classes
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # where to build, not what

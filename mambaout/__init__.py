@@ -2,7 +2,7 @@
 
 from mambaout.errors import UserError
 from mambaout.fast import optimize_for_inference, tune_cpu_allocator
-from mambaout.models import MambaOut, create_model, list_models, model_complexity
+from mambaout.models import MambaOut, create_model, list_models, list_pretrained, model_complexity, save_pretrained
 from mambaout.weights import load_checkpoint
 
 __all__ = [
@@ -10,9 +10,11 @@ __all__ = [
     "UserError",
     "create_model",
     "list_models",
+    "list_pretrained",
     "load_checkpoint",
     "model_complexity",
     "optimize_for_inference",
+    "save_pretrained",
     "tune_cpu_allocator",
 ]
 __version__ = "0.1.0"

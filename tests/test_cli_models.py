@@ -44,3 +44,11 @@ def test_models_with_token_mixers_show_what_each_costs(capsys):
     assert ssm_macs > 1.148 and "analytic count" in out  # the scan's MACs are in, and the note says how
     assert main(["models", "--token-mixer", "mamba"]) == 2
     assert "unknown token mixer mamba" in capsys.readouterr().err
+
+
+def test_models_command_lists_every_pretrained_tag(capsys):
+    assert main(["models", "*plus*", "--tags"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| mambaout_base_plus_rw.")]
+    assert [row.split(" | ")[0][2:] for row in rows] == mambaout.list_models("*plus*", include_tags=True)
+    assert "| mambaout_base_plus_rw.sw_e150_in12k | 11821 | 224x224 | 288x288 |" in "\n".join(rows)
+    assert "| mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k | 1000 | 384x384 | 384x384 | 1.0 | squash |" in rows[1]

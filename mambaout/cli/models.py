@@ -1,4 +1,5 @@
-"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources.
+"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources), or with
+`--tags` every pretrained tag (`name.tag`: classes, input sizes, crop).
 
 With --token-mixer: the variants built with other token mixers (the Mamba block's SSM, attention, causal forms),
 their parameters and MACs beside the depthwise conv's.
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="A,B|all",
         help=f"also build each variant with these token mixers ({', '.join(TOKEN_MIXERS)}, or all)",
     )
+    parser.add_argument("--tags", action="store_true", help="list the pretrained tags (name.tag) and their configs")
 
 
 def variant_table(pattern: str = "*", img_size: int = 224) -> str:
@@ -63,11 +65,29 @@ def mixer_table(pattern: str = "*", img_size: int = 224, mixers: tuple[str, ...]
     return "\n".join(rows)
 
 
+def tag_table(pattern: str = "*") -> str:
+    """A Markdown table of the pretrained tags of the variants matching `pattern` (the first is the default)."""
+    rows = [
+        "| model.tag | classes | input | test input | crop_pct | crop mode | top-1 (published) | weights |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for spec in map(get_spec, list_models(pattern)):
+        for cfg in spec.tags:
+            top1 = f"{cfg.top1:.2f}" if cfg.top1 is not None else "-"
+            sources = ", ".join(s.name for s in cfg.sources) or "-"
+            sizes = [f"{size[1]}x{size[2]}" for size in (cfg.input_size, cfg.test_input_size)]
+            rows.append(
+                f"| {spec.name}.{cfg.tag} | {cfg.num_classes} | {sizes[0]} | {sizes[1]} | {cfg.crop_pct} | "
+                f"{cfg.crop_mode} | {top1} | {sources} |"
+            )
+    return "\n".join(rows)
+
+
 def run(args: argparse.Namespace) -> int:
     if not list_models(args.pattern):
         raise UserError(f"no model matches '{args.pattern}': run `mambaout models` to list them all")
-    if args.token_mixer is None:
-        print(variant_table(args.pattern, args.img_size))
+    if args.tags or args.token_mixer is None:
+        print(tag_table(args.pattern) if args.tags else variant_table(args.pattern, args.img_size))
         return 0
     wanted = list(TOKEN_MIXERS) if args.token_mixer == "all" else [m.strip() for m in args.token_mixer.split(",")]
     unknown = [m for m in wanted if m not in TOKEN_MIXERS]

@@ -131,8 +131,8 @@ def activation_map(
     else:
         _, height, width, channels = features.shape
         with torch.no_grad():
-            # a 2-D input skips the head's pooling: each position is classified as if it were the whole image
-            logits = model.forward_head(features.reshape(height * width, channels))  # [h * w, num_classes]
+            # each position as a 1x1 map of its own: pooled alone, classified as if it were the whole image
+            logits = model.forward_head(features.reshape(height * width, 1, 1, channels))  # [h * w, num_classes]
         heat = logits.float().softmax(dim=-1)[:, class_index].reshape(height, width)
     heat = heat.detach().float().cpu()
     peak = heat.max()

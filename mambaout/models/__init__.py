@@ -1,24 +1,31 @@
-"""The MambaOut network and its registry of variants."""
+"""The MambaOut network, its registry of variants and tags, and timm's creation API over them."""
 
+from mambaout.models.factory import create_model, save_pretrained
+from mambaout.models.features import MambaOutFeatures
 from mambaout.models.mambaout import MambaOut, MambaOutStage
 from mambaout.models.registry import (
     ModelSpec,
     PretrainedCfg,
     WeightSource,
-    create_model,
+    get_pretrained_cfg,
     get_spec,
     list_models,
+    list_pretrained,
     model_complexity,
 )
 
 __all__ = [
     "MambaOut",
+    "MambaOutFeatures",
     "MambaOutStage",
     "ModelSpec",
     "PretrainedCfg",
     "WeightSource",
     "create_model",
+    "get_pretrained_cfg",
     "get_spec",
     "list_models",
+    "list_pretrained",
     "model_complexity",
+    "save_pretrained",
 ]

@@ -4,7 +4,9 @@ Paper: "MambaOut: Do We Really Need Mamba for Vision?", Yu & Wang, CVPR 2025 (ar
 The variants and their pretrained configs are registered in `mambaout.models.registry`.
 """
 
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from timm.layers import get_act_layer
@@ -47,11 +49,19 @@ class MambaOutStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return self._forward_checkpointed(x)
         return self.blocks(x)
+
+    @torch.jit.unused
+    def _forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        # TorchScript cannot compile `checkpoint` and runs the blocks plainly; an fx trace records them plainly too
+        # (a graph cannot hold a recomputed region), so both compute the same values without the memory saving
+        if not torch.is_grad_enabled() or isinstance(x, torch.fx.Proxy):
+            return self.blocks(x)
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False)
+        return x
 
 
 class MambaOut(nn.Module):
@@ -76,7 +86,10 @@ class MambaOut(nn.Module):
             "conv_ssm" for the Mamba block, "causal_conv", "causal_conv_ssm", "attention", "causal_attention") or
             a factory.
         mixer_kwargs: Extra keyword arguments of every token mixer (e.g. `{"scan_directions": 2}`).
+        global_pool: The head's pooling: "avg" (paper), "max", "avgmax", or "" (the head runs at every position).
     """
+
+    output_fmt = "NHWC"  # what forward_features returns; timm's feature wrappers read it
 
     def __init__(
         self,
@@ -96,6 +109,7 @@ class MambaOut(nn.Module):
         drop_rate: float = 0.0,
         token_mixer: str | TokenMixer = "conv",
         mixer_kwargs: dict | None = None,
+        global_pool: str = "avg",
     ):
         super().__init__()
         if len(depths) != len(dims):
@@ -128,7 +142,9 @@ class MambaOut(nn.Module):
             )
             self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"})
         # the head keeps exact GELU even where the blocks use SiLU, as in timm's published rw weights
-        self.head = MlpHead(dims[-1], num_classes, hidden_norm=head_hidden_norm, drop_rate=drop_rate)
+        self.head = MlpHead(
+            dims[-1], num_classes, hidden_norm=head_hidden_norm, drop_rate=drop_rate, pool_type=global_pool
+        )
         self.head_hidden_size = self.head.num_features
         self.apply(self._init_weights)
 
@@ -172,10 +188,23 @@ class MambaOut(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the final Linear with a new one for `num_classes` outputs (0: pre-logits features)."""
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None, reset_other: bool = False) -> None:
+        """Replace the final Linear with a new one for `num_classes` outputs (0: pre-logits features).
+
+        Args:
+            num_classes: New classifier outputs.
+            global_pool: New head pooling ("avg", "max", "avgmax", "" for none), or None to keep it.
+            reset_other: Also drop the head's norm and hidden layer (then `head_hidden_size == num_features`).
+        """
         self.num_classes = num_classes
-        self.head.reset(num_classes)
+        self.head.reset(num_classes, global_pool, reset_other=reset_other)
+        self.head_hidden_size = self.head.num_features
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write this model as a hub folder in timm's format (see `mambaout.models.factory.save_pretrained`)."""
+        from mambaout.models.factory import save_pretrained  # the factory imports this module
+
+        return save_pretrained(self, directory)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` images -> `[B, H/32, W/32, C]` channels-last map of the last stage."""
@@ -184,9 +213,10 @@ class MambaOut(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Last-stage map -> logits `[B, num_classes]` (or the head's hidden features when `pre_logits`).
 
-        After `prune_intermediate_layers` removed the head, the map passes through unchanged.
+        With `global_pool=""` the head keeps the map (`[B, H, W, ...]`); after `prune_intermediate_layers` removed
+        the head, the map passes through unchanged.
         """
-        return self.head(x, pre_logits=pre_logits) if isinstance(self.head, MlpHead) else x
+        return self.head(x, pre_logits=pre_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -227,15 +257,30 @@ class MambaOut(nn.Module):
                 feats.append(y.permute(0, 3, 1, 2).contiguous() if output_fmt == "NCHW" else y)  # -> [B, C, H, W]
         return feats if intermediates_only else (x, feats)
 
-    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_head: bool = True) -> list[int]:
-        """Drop the stages after the last index asked for (and the head), for a lean backbone."""
+    def prune_intermediate_layers(
+        self, indices: int | Sequence[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the stages after the last index asked for (and the head), for a lean backbone.
+
+        Args:
+            indices: Stages still wanted, as in `forward_intermediates`.
+            prune_norm: Accepted for timm's feature wrappers and unused: the only norm is the head's, which goes
+                with the head, as in timm.
+            prune_head: Remove the head (it goes anyway when stages are removed: it is sized for the last one).
+                The model then returns the last kept stage's map `[B, H, W, C]`.
+
+        Returns:
+            The absolute stage indices.
+        """
         take = self._take_indices(indices)
         keep = max(take) + 1
-        if prune_head or keep < len(self.stages):
-            self.head = nn.Identity()
-            self.num_classes = 0
+        prune_end = keep < len(self.stages)
         self.stages = self.stages[:keep]
         self.feature_info = self.feature_info[:keep]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "", reset_other=True)
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[-1]["num_chs"]
         return take
 
     def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:

@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from mambaout.errors import UserError, describe
+from mambaout.models.factory import create_model
 from mambaout.models.mambaout import MambaOut
-from mambaout.models.registry import create_model
 
 __all__ = ["check_activation_memory", "create_configured_model"]
 

@@ -34,7 +34,7 @@ from mambaout.data import ResumableSampler, RobustImageFolder, ShardSampler, Tra
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 from mambaout.errors import UserError, describe
 from mambaout.fast.train_step import auto_train_micro_batch
-from mambaout.models import get_spec
+from mambaout.models import get_pretrained_cfg, get_spec
 from mambaout.models.settings import check_activation_memory, create_configured_model
 from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import CONFIG_DIR, TrainConfig, build_config, flag, load_config_file
@@ -341,7 +341,8 @@ class _Trainer:
         )
         if config.pretrained and checkpoint is None:
             try:
-                load_pretrained(model, get_spec(config.model), config.pretrained)
+                cfg = get_pretrained_cfg(config.model)  # the tag's sources for a `name.tag` model
+                load_pretrained(model, get_spec(config.model), config.pretrained, cfg=cfg)
             except UserError as e:
                 raise UserError(f"--pretrained {config.pretrained}: {e}") from None
         data = data_config(

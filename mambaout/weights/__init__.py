@@ -3,6 +3,7 @@
 - `layouts`: the three key layouts (ours, timm, official), detection and conversion.
 - `io`: safe reading (never unpickling code) and atomic writing of `.pth` / `.safetensors` files.
 - `download`: fetching published weights once into the torch.hub cache, with SHA-256 checks.
+- `hub`: hub folders in timm's format (`config.json` + `model.safetensors`), on disk or in huggingface_hub's cache.
 - `loading`: unwrapping training checkpoints and loading any layout into a model, with clear errors.
 """
 
@@ -13,6 +14,7 @@ from mambaout.weights.loading import (
     checkpoint_num_classes,
     first_nonfinite,
     load_checkpoint,
+    load_checkpoint_path,
     load_pretrained,
     our_layout,
     read_state_dict,
@@ -27,6 +29,7 @@ __all__ = [
     "download_cached",
     "first_nonfinite",
     "load_checkpoint",
+    "load_checkpoint_path",
     "load_pretrained",
     "our_layout",
     "read_state_dict",

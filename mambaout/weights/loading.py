@@ -1,8 +1,9 @@
-"""From a path, URL or registered source to weights in a model: unwrap, convert, check the fit, load.
+"""From a path, URL, hub folder or registered source to weights in a model: unwrap, convert, check the fit, load.
 
-Every user mistake (wrong file, wrong variant, unknown source) becomes one `UserError` line naming the file; the only
-tolerated misfit is a classifier with a different number of classes, which is dropped with a warning so that
-fine-tuning starts from the pretrained backbone.
+Every user mistake (wrong file, wrong variant, unknown source) becomes one `UserError` line naming the file. Two
+misfits are tolerated, as timm tolerates them: a classifier with a different number of classes is dropped with a
+warning so that fine-tuning starts from the pretrained backbone, and the stem's first conv is adapted to a model with
+another number of input channels (timm's `adapt_input_conv`).
 """
 
 import os
@@ -13,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from timm.models import adapt_input_conv
 from torch import nn
 
 from mambaout.errors import UserError
-from mambaout.models.registry import ModelSpec
+from mambaout.models.registry import ModelSpec, PretrainedCfg
 from mambaout.weights.download import download_cached, is_url
+from mambaout.weights.hub import hub_weights_file, split_source
 from mambaout.weights.io import file_format, read_file, verify_sha256
 from mambaout.weights.layouts import convert_state_dict
 
@@ -25,6 +28,7 @@ __all__ = [
     "checkpoint_num_classes",
     "first_nonfinite",
     "load_checkpoint",
+    "load_checkpoint_path",
     "load_pretrained",
     "our_layout",
     "read_state_dict",
@@ -37,6 +41,7 @@ _EMA_KEYS = ("model_ema", "state_dict_ema", "ema")
 # Prefixes added by DistributedDataParallel / timm's ModelEmaV2 (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIX = re.compile(r"^(module\.|_orig_mod\.)+")
 _CLASSIFIER = ("head.fc.weight", "head.fc.bias")
+_FIRST_CONV = "stem.conv1.weight"
 _SHOW = 5  # keys listed per kind in a misfit message
 
 
@@ -94,16 +99,36 @@ def first_nonfinite(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _resolve_file(source: str | os.PathLike, sha256: str | None, cache_dir: str | os.PathLike | None) -> Path:
+    location = os.fspath(source)
+    hub, rest = split_source(location)
+    if hub:
+        path = hub_weights_file(hub, rest, cache_dir)
+    elif is_url(location):
+        return download_cached(location, sha256)
+    else:
+        path = Path(location).expanduser()
+    if sha256:
+        file_format(path)  # report a missing or empty file as such, not as a hash mismatch
+        verify_sha256(path, sha256)
+    return path
+
+
 def read_state_dict(
-    source: str | os.PathLike, sha256: str | None = None, prefer_ema: bool = False
+    source: str | os.PathLike,
+    sha256: str | None = None,
+    prefer_ema: bool = False,
+    cache_dir: str | os.PathLike | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read the weights of a checkpoint file or URL, in whatever layout it stores them.
+    """Read the weights of a checkpoint file, URL or hub folder, in whatever layout it stores them.
 
     Args:
-        source: A `.pth`/`.pt`/`.safetensors` path, or an http(s):// or file:// URL (downloaded once into the
-            torch.hub cache).
+        source: A `.pth`/`.pt`/`.safetensors` path; an http(s):// or file:// URL (downloaded once into the
+            torch.hub cache); or a hub folder in timm's format, `local-dir:DIR` or `hf-hub:ORG/REPO[@REVISION]`
+            (from huggingface_hub's cache, downloaded into it when missing).
         sha256: Expected hex SHA-256 of the file.
         prefer_ema: Take the checkpoint's EMA weights when it has them.
+        cache_dir: huggingface_hub's cache folder for `hf-hub:` sources; default its own.
 
     Returns:
         Parameter name -> tensor on the CPU.
@@ -112,24 +137,19 @@ def read_state_dict(
         UserError: Download failure, hash mismatch, unreadable or unsafe file, or no weights in it.
     """
     location = os.fspath(source)
-    if is_url(location):
+    path = _resolve_file(source, sha256, cache_dir)
+    if not is_url(location):
+        return unwrap_state_dict(read_file(path), prefer_ema=prefer_ema, name=str(path))
+    try:
+        loaded = read_file(path)
+    except UserError:  # a copy that went bad in the cache: fetched once more, and named if that fails too
+        path.unlink(missing_ok=True)
         path = download_cached(location, sha256)
         try:
             loaded = read_file(path)
-        except UserError:  # a copy that went bad in the cache: fetched once more, and named if that fails too
+        except UserError as e:
             path.unlink(missing_ok=True)
-            path = download_cached(location, sha256)
-            try:
-                loaded = read_file(path)
-            except UserError as e:
-                path.unlink(missing_ok=True)
-                raise UserError(f"{e} (downloaded twice from {location} into the cache; nothing is kept)") from None
-    else:
-        path = Path(location).expanduser()
-        if sha256:
-            file_format(path)  # report a missing or empty file as such, not as a hash mismatch
-            verify_sha256(path, sha256)
-        loaded = read_file(path)
+            raise UserError(f"{e} (downloaded twice from {location} into the cache; nothing is kept)") from None
     return unwrap_state_dict(loaded, prefer_ema=prefer_ema, name=str(path))
 
 
@@ -197,6 +217,7 @@ def load_checkpoint(
     state_dict = our_layout(state_dict, name)
 
     expected = model.state_dict()
+    state_dict = _adapt_first_conv(state_dict, expected)
     theirs, ours = state_dict.get(_CLASSIFIER[0]), expected.get(_CLASSIFIER[0])
     # another number of classes on the same hidden width is a fine-tuning start, not a misfit
     drop_classifier = theirs is not None and (
@@ -238,33 +259,78 @@ def load_checkpoint(
     return model.load_state_dict(state_dict, strict=False, assign=assign)
 
 
+def _adapt_first_conv(
+    state_dict: dict[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The stem's first conv of a 3-channel checkpoint fitted to a model with other input channels, as timm does.
+
+    Only the input-channel dimension may differ; any other mismatch is left for the fit check to report.
+    """
+    theirs, ours = state_dict.get(_FIRST_CONV), expected.get(_FIRST_CONV)
+    if theirs is None or ours is None or theirs.shape == ours.shape:
+        return state_dict
+    if theirs.ndim != 4 or theirs.shape[0] != ours.shape[0] or theirs.shape[2:] != ours.shape[2:]:
+        return state_dict
+    try:
+        adapted = adapt_input_conv(ours.shape[1], theirs)
+    except (NotImplementedError, ValueError):  # channel counts timm cannot map; reported by the fit check
+        return state_dict
+    return {**state_dict, _FIRST_CONV: adapted}
+
+
+def load_checkpoint_path(model: nn.Module, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
+    """Load `create_model(checkpoint_path=...)`: the checkpoint's EMA weights when it has them, as timm does.
+
+    Args:
+        model: The built model.
+        path: Any source `read_state_dict` reads.
+        cache_dir: huggingface_hub's cache folder for `hf-hub:` sources.
+
+    Raises:
+        UserError: Unreadable checkpoint or weights that do not fit.
+    """
+    file = _resolve_file(path, None, cache_dir)
+    checkpoint = read_file(file)
+    has_ema = isinstance(checkpoint, Mapping) and any(isinstance(checkpoint.get(k), Mapping) for k in _EMA_KEYS)
+    load_checkpoint(model, checkpoint, prefer_ema=has_ema, name=str(file))
+
+
 def load_pretrained(
-    model: nn.Module, spec: ModelSpec, pretrained: bool | str | os.PathLike, sha256: str | None = None
+    model: nn.Module,
+    spec: ModelSpec,
+    pretrained: bool | str | os.PathLike,
+    sha256: str | None = None,
+    cfg: PretrainedCfg | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> None:
     """Load the weights `create_model(..., pretrained=...)` asks for.
 
     Args:
         model: A freshly built `spec` model.
         spec: The registered variant.
-        pretrained: True for the variant's first published source; a source name ("official", "timm"); or a
-            checkpoint path or URL.
+        pretrained: True for the tag's first published source; a source name ("official", "timm"); or a
+            checkpoint path, URL or hub folder (see `read_state_dict`).
         sha256: Expected hex SHA-256 of the file; defaults to the source's published hash, if any.
+        cfg: The pretrained tag whose sources are meant; default the variant's default tag.
+        cache_dir: huggingface_hub's cache folder for `hf-hub:` sources.
 
     Raises:
-        UserError: The variant has no such source (the message lists those it has), or loading failed.
+        UserError: The tag has no such source (the message lists those it has), or loading failed.
     """
-    sources = {source.name: source for source in spec.cfg.sources}
+    cfg = cfg or spec.cfg
+    name = spec.name if cfg is spec.cfg else f"{spec.name}.{cfg.tag}"
+    sources = {source.name: source for source in cfg.sources}
     if pretrained is True:
         if not sources:
-            raise UserError(f"{spec.name} has no published weights; pass a checkpoint path as pretrained")
-        pretrained = spec.cfg.sources[0].name
+            raise UserError(f"{name} has no published weights; pass a checkpoint path as pretrained")
+        pretrained = cfg.sources[0].name
     location = os.fspath(pretrained)
     if location in sources:
         location, sha256 = sources[location].url, sha256 or sources[location].sha256
     elif re.fullmatch(r"[\w-]+", location) and not Path(location).exists():
         # a bare word that is no file is meant as a source name, so say which names exist
-        valid = ", ".join(f"'{name}'" for name in sources) or "none"
+        valid = ", ".join(f"'{source}'" for source in sources) or "none"
         raise UserError(
-            f"{spec.name} has no '{location}' weights: its sources are {valid}; or pass a checkpoint path or URL"
+            f"{name} has no '{location}' weights: its sources are {valid}; or pass a checkpoint path or URL"
         )
-    load_checkpoint(model, location, sha256=sha256)
+    load_checkpoint(model, read_state_dict(location, sha256=sha256, cache_dir=cache_dir), name=location)

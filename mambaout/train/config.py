@@ -1,12 +1,15 @@
-"""Training run settings: one typed dataclass, filled from a YAML recipe and then from command-line flags.
+"""Training run settings: typed dataclasses, filled from a YAML recipe and then from command-line flags.
 
-Every field is a YAML key and a flag of `mambaout train` (`warmup_epochs` <-> `--warmup-epochs`). Values are coerced
-and checked in `__post_init__`; a bad one raises `UserError` naming its flag. The defaults are the paper's ImageNet
-recipe for MambaOut-Femto; `mambaout/configs/<variant>_in1k.yaml` spell it out per variant.
+`RunConfig` holds what the one training engine needs whatever the task (schedule, optimizer, engine, records);
+`TrainConfig` adds classification's data and regularization, and `mambaout.dense.config` detection's and
+segmentation's. Every field is a YAML key and a flag (`warmup_epochs` <-> `--warmup-epochs`). Values are coerced and
+checked in `__post_init__`; a bad one raises `UserError` naming its flag. TrainConfig's defaults are the paper's
+ImageNet recipe for MambaOut-Femto; `mambaout/configs/<variant>_in1k.yaml` spell it out per variant.
 
-Learning rate: `base_lr` is per 1024 images of *global* batch (per-device batch × processes × accumulation steps),
-so `lr = base_lr × global_batch / 1024` (the paper: 1e-3 per 1024, i.e. 4e-3 at 4096). Setting `lr` instead fixes
-the absolute rate. The resolved `lr` is what a run saves, so a resumed run keeps it whatever its hardware.
+Learning rate: `base_lr` is per `lr_batch` images of *global* batch (per-device batch × processes × accumulation
+steps), so `lr = base_lr × global_batch / lr_batch` (the paper: 1e-3 per 1024, i.e. 4e-3 at 4096; 1e-4 per 16 for
+detection and segmentation). Setting `lr` instead fixes the absolute rate. The resolved `lr` is what a run saves, so
+a resumed run keeps it whatever its hardware.
 """
 
 import argparse
@@ -27,6 +30,7 @@ from mambaout.errors import UserError, one_line
 
 __all__ = [
     "CONFIG_DIR",
+    "RunConfig",
     "TrainConfig",
     "add_config_arguments",
     "build_config",
@@ -36,12 +40,11 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: installed with the code
-_LR_BATCH = 1024
 MIN_INPUT_SIZE = 16
 _MAX_CONFIG_BYTES = 1 << 20
 MAX_INPUT_SIZE = 4096  # 4096² is 16.8M pixels a sample: 3x ADE20K's 512x2048, far past any published setting
 AMP_MODES = ("auto", "none", "bf16", "fp16")
-SCHEDULES = ("cosine", "tanh", "poly")
+SCHEDULES = ("cosine", "tanh", "poly", "multistep")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
@@ -50,8 +53,8 @@ def _f(default: Any, text: str) -> Any:
 
 
 @dataclass
-class TrainConfig:
-    """Everything a training run needs besides its hardware; saved resolved beside every checkpoint."""
+class RunConfig:
+    """What the training engine needs whatever the task; saved resolved beside every checkpoint."""
 
     # what to train, on what, where
     model: str = _f("mambaout_femto", "registered model name (`mambaout models`)")
@@ -60,31 +63,137 @@ class TrainConfig:
         metadata={"help": "extra model constructor arguments as YAML, e.g. '{depths: [1, 1, 1, 1]}'"},
     )
     pretrained: str | None = _f(None, "start from weights: 'official', 'timm', a checkpoint path or URL")
-    num_classes: int | None = _f(None, "classifier outputs; default the number of class folders")
-    data: str | None = _f(None, "ImageFolder root with train/ and val/; default the bundled digits")
+    num_classes: int | None = _f(None, "classes; default the dataset's")
+    data: str | None = _f(None, "dataset root; default the bundled example")
     output: str | None = _f(None, "run directory; default runs/<model>-<data>-<time>")
     # schedule
     epochs: int = _f(300, "training epochs")
+    iters: int | None = _f(None, "optimizer steps to train instead of --epochs (the last epoch stops part-way)")
     warmup_epochs: float = _f(
         20, "linear warmup epochs from --warmup-lr (a shorter --epochs keeps the recipe's share: 20 of 300)"
     )
+    warmup_iters: int | None = _f(None, "linear warmup in optimizer steps instead of --warmup-epochs")
     batch_size: int = _f(128, "images per device per micro-step")
     accum_steps: int = _f(1, "micro-steps accumulated per optimizer step")
-    base_lr: float = _f(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
+    base_lr: float = _f(1e-3, "learning rate per --lr-batch images of global batch (base_lr * global_batch / lr_batch)")
+    lr_batch: int = _f(1024, "the global batch --base-lr is given for")
     lr: float | None = _f(None, "absolute learning rate; overrides --base-lr")
     warmup_lr: float = _f(1e-6, "learning rate at the start of warmup")
     min_lr: float = _f(1e-5, "learning rate at the end of the schedule")
     sched: str = _f("cosine", f"learning-rate schedule: {', '.join(SCHEDULES)}")
     sched_on_updates: bool = _f(True, "step the schedule every optimizer step (else every epoch)")
+    decay_rate: float = _f(0.1, "lr factor at each multistep milestone; the power of the poly schedule")
+    decay_milestones: tuple[float, ...] = _f((), "epochs at which the multistep schedule multiplies lr by --decay-rate")
     opt: str = _f("adamw", "timm optimizer name")
     opt_eps: float | None = _f(None, "optimizer epsilon; default the optimizer's")
     opt_betas: tuple[float, float] | None = _f(None, "Adam betas; default the optimizer's (0.9, 0.999)")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.05, "weight decay, not applied to norms, biases and LayerScales")
-    layer_decay: float | None = _f(None, "layer-wise learning-rate decay (fine-tuning), e.g. 0.8")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value")
-    # regularization
+    drop_path: float = _f(0.025, "stochastic depth of the backbone's last block")
+    workers: int = _f(8, "data loading processes per device (0: in the training process)")
+    threads: int = _f(0, "CPU threads for torch ops per process (0: torch's default, one per core)")
+    # engine
+    amp: str = _f("auto", "mixed precision: auto (bf16 on GPU, none on CPU), none, bf16, fp16 (GPU, with a scaler)")
+    ema: bool = _f(False, "keep and evaluate an exponential moving average of the weights")
+    ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
+    ema_warmup: bool = _f(False, "ramp the EMA decay up over the first steps")
+    compile: bool = _f(False, "torch.compile the model")
+    channels_last: bool = _f(True, "channels-last memory format for images and model")
+    grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
+    fused_optimizer: bool = _f(True, "use the optimizer's fused single-kernel step where PyTorch has one")
+    seed: int = _f(0, "random seed (each process adds its rank)")
+    deterministic: bool = _f(False, "use deterministic algorithms only (slower)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N (distributed runs use cuda:<local rank>)")
+    # records
+    eval_interval: int = _f(1, "evaluate every N epochs (and always after the last)")
+    save_interval: int = _f(0, "also save last.pth every N optimizer steps within an epoch (0: at epoch ends)")
+    log_interval: int = _f(50, "optimizer steps between progress lines when not on a terminal")
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
+        self._validate()
+        self._check_model()
+
+    def _validate(self) -> None:
+        """The engine's settings; a task's config checks its own fields after calling this."""
+        from mambaout.models import get_spec
+        from mambaout.train.distributed import check_device
+
+        try:
+            get_spec(self.model)
+        except UserError as e:
+            raise UserError(f"--model: {e}") from None
+        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            values = value if isinstance(value, tuple) else (value,)
+            finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
+            _check(finite, f.name, "must be finite", value)
+        _check(
+            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be within 0..--epochs", self.warmup_epochs
+        )
+        _check(self.iters is None or self.iters >= 1, "iters", "must be >= 1", self.iters)
+        _check(
+            self.warmup_iters is None or 0 <= self.warmup_iters <= (self.iters or self.warmup_iters),
+            "warmup_iters",
+            "must be within 0..--iters",
+            self.warmup_iters,
+        )
+        for name in ("batch_size", "accum_steps", "lr_batch", "eval_interval", "log_interval"):
+            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
+        for name in ("workers", "threads", "save_interval", "seed", "weight_decay", "momentum", "min_lr", "warmup_lr"):
+            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        for name in ("base_lr", "lr", "clip_grad", "num_classes", "opt_eps", "decay_rate"):
+            value = getattr(self, name)
+            _check(value is None or value > 0, name, "must be > 0", value)
+        _check(all(m >= 0 for m in self.decay_milestones), "decay_milestones", "must be >= 0", self.decay_milestones)
+        for name in ("drop_path", "ema_decay"):
+            _check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
+        _check(
+            self.opt_betas is None or all(0 <= b < 1 for b in self.opt_betas),
+            "opt_betas",
+            "must be in [0, 1)",
+            self.opt_betas,
+        )
+        _check(self.seed < 2**32 - 1024, "seed", f"must be below {2**32 - 1024} (numpy's seed range)", self.seed)
+        _choice(self.amp, "amp", AMP_MODES)
+        _choice(self.sched, "sched", SCHEDULES)
+        _check(self.opt.lower() in list_optimizers(), "opt", "must be a timm optimizer name, e.g. adamw, sgd", self.opt)
+        check_device(self.device)
+
+    def _check_model(self) -> None:
+        """Build the configured network on the meta device (free): a bad --model-kwargs is one line naming it."""
+        from mambaout.models.settings import create_configured_model
+
+        with torch.device("meta"):
+            create_configured_model(self.model, self.model_kwargs, flag("model_kwargs"))
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all processes."""
+        return self.batch_size * world_size * self.accum_steps
+
+    def resolved_lr(self, world_size: int) -> float:
+        """`lr` when set, else `base_lr × global batch / lr_batch`."""
+        return self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / self.lr_batch
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain python values only (lists for tuples): YAML-safe and loadable with `torch.load(weights_only=True)`."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """A classification run: the engine's settings and the ImageNet recipe's data and regularization."""
+
+    num_classes: int | None = _f(None, "classifier outputs; default the number of class folders")
+    data: str | None = _f(None, "ImageFolder root with train/ and val/; default the bundled digits")
+    base_lr: float = _f(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
     drop_path: float = _f(0.025, "stochastic depth of the last block (femto/kobe 0.025, tiny 0.2, small 0.4, base 0.6)")
+    layer_decay: float | None = _f(None, "layer-wise learning-rate decay (fine-tuning), e.g. 0.8")
+    # regularization
     drop: float = _f(0.0, "dropout before the classifier")
     smoothing: float = _f(0.1, "label smoothing")
     mixup: float = _f(0.8, "mixup alpha; 0 disables")
@@ -108,16 +217,7 @@ class TrainConfig:
     re_prob: float = _f(0.25, "random erasing probability")
     re_mode: str = _f("pixel", "random erasing fill: const, rand, pixel")
     re_count: int = _f(1, "random erasing boxes per image")
-    workers: int = _f(8, "data loading processes per device (0: in the training process)")
-    threads: int = _f(0, "CPU threads for torch ops per process (0: torch's default, one per core)")
-    # engine
-    amp: str = _f("auto", "mixed precision: auto (bf16 on GPU, none on CPU), none, bf16, fp16 (GPU, with a scaler)")
-    ema: bool = _f(False, "keep and evaluate an exponential moving average of the weights")
-    ema_decay: float = _f(0.9999, "EMA decay per optimizer step")
-    ema_warmup: bool = _f(False, "ramp the EMA decay up over the first steps")
-    compile: bool = _f(False, "torch.compile the model")
-    channels_last: bool = _f(True, "channels-last memory format for images and model")
-    grad_checkpointing: bool = _f(False, "recompute block activations in the backward pass to save memory")
+    # the classification step
     micro_batch: int | None = _f(
         None,
         "images per forward/backward pass within each batch (same gradients, activations that fit in cache); "
@@ -128,49 +228,17 @@ class TrainConfig:
         "run the blocks' linears as weight slices while training (no split/cat copies, same result): "
         "auto (on the CPU without --compile), on, off",
     )
-    fused_optimizer: bool = _f(True, "use the optimizer's fused single-kernel step where PyTorch has one")
-    seed: int = _f(0, "random seed (each process adds its rank)")
-    deterministic: bool = _f(False, "use deterministic algorithms only (slower)")
-    device: str = _f("auto", "auto, cpu, cuda or cuda:N (distributed runs use cuda:<local rank>)")
-    # records
-    eval_interval: int = _f(1, "evaluate every N epochs (and always after the last)")
-    save_interval: int = _f(0, "also save last.pth every N optimizer steps within an epoch (0: at epoch ends)")
-    log_interval: int = _f(50, "optimizer steps between progress lines when not on a terminal")
-
-    def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            setattr(self, f.name, _coerce(f.name, hints[f.name], getattr(self, f.name)))
-        self._validate()
 
     def _validate(self) -> None:
         from mambaout.data.transforms import check_auto_augment
-        from mambaout.models import get_spec
-        from mambaout.models.settings import create_configured_model
-        from mambaout.train.distributed import check_device
 
-        try:
-            get_spec(self.model)
-        except UserError as e:
-            raise UserError(f"--model: {e}") from None
-        _check(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            values = value if isinstance(value, tuple) else (value,)
-            finite = all(not isinstance(v, float) or math.isfinite(v) for v in values)
-            _check(finite, f.name, "must be finite", value)
-        _check(
-            0 <= self.warmup_epochs <= self.epochs, "warmup_epochs", "must be within 0..--epochs", self.warmup_epochs
-        )
-        for name in ("batch_size", "accum_steps", "re_count", "eval_interval", "log_interval"):
-            _check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
-        for name in ("workers", "threads", "save_interval", "seed", "weight_decay", "momentum", "min_lr", "warmup_lr"):
-            _check(getattr(self, name) >= 0, name, "must be >= 0", getattr(self, name))
+        super()._validate()
+        _check(self.re_count >= 1, "re_count", "must be >= 1", self.re_count)
         _check(self.color_jitter is None or self.color_jitter >= 0, "color_jitter", "must be >= 0", self.color_jitter)
-        for name in ("base_lr", "lr", "clip_grad", "num_classes", "input_size", "opt_eps", "eval_crop_pct"):
+        for name in ("input_size", "eval_crop_pct"):
             value = getattr(self, name)
             _check(value is None or value > 0, name, "must be > 0", value)
-        for name in ("drop_path", "drop", "smoothing", "ema_decay"):
+        for name in ("drop", "smoothing"):
             _check(0 <= getattr(self, name) < 1, name, "must be in [0, 1)", getattr(self, name))
         for name in ("mixup_prob", "mixup_switch_prob", "hflip", "vflip", "re_prob"):
             _check(0 <= getattr(self, name) <= 1, name, "must be in [0, 1]", getattr(self, name))
@@ -190,44 +258,19 @@ class TrainConfig:
             self.input_size,
         )
         _check(self.std is None or min(self.std) > 0, "std", "must be > 0 for every channel", self.std)
-        _check(
-            self.opt_betas is None or all(0 <= b < 1 for b in self.opt_betas),
-            "opt_betas",
-            "must be in [0, 1)",
-            self.opt_betas,
-        )
-        _check(self.seed < 2**32 - 1024, "seed", f"must be below {2**32 - 1024} (numpy's seed range)", self.seed)
         _check(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1", self.micro_batch)
         _choice(self.split_linears, "split_linears", ("auto", "on", "off"))
-        _choice(self.amp, "amp", AMP_MODES)
-        _choice(self.sched, "sched", SCHEDULES)
-        _check(self.opt.lower() in list_optimizers(), "opt", "must be a timm optimizer name, e.g. adamw, sgd", self.opt)
         _choice(self.mixup_mode, "mixup_mode", ("batch", "pair", "elem"))
         _choice(self.re_mode, "re_mode", ("const", "rand", "pixel"))
         _choice(self.train_interpolation, "train_interpolation", ("random", *INTERPOLATIONS))
         if self.interpolation is not None:
             _choice(self.interpolation, "interpolation", INTERPOLATIONS)
-        check_device(self.device)
         if self.mixup_active:
             _check(self.batch_size % 2 == 0, "batch_size", "must be even when mixup/cutmix is on", self.batch_size)
-        with torch.device("meta"):  # free: checks the architecture without allocating it
-            create_configured_model(self.model, self.model_kwargs, flag("model_kwargs"))
 
     @property
     def mixup_active(self) -> bool:
         return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
-
-    def global_batch(self, world_size: int) -> int:
-        """Images per optimizer step over all processes."""
-        return self.batch_size * world_size * self.accum_steps
-
-    def resolved_lr(self, world_size: int) -> float:
-        """`lr` when set, else `base_lr × global batch / 1024`."""
-        return self.lr if self.lr is not None else self.base_lr * self.global_batch(world_size) / _LR_BATCH
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain python values only (lists for tuples): YAML-safe and loadable with `torch.load(weights_only=True)`."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 def flag(name: str) -> str:
@@ -289,6 +332,8 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return str(value)
         if typing.get_origin(hint) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
+            if len(args) == 2 and args[1] is Ellipsis:  # any number of values of one type
+                return tuple(_coerce(name, args[0], v) for v in items if not isinstance(v, str) or v.strip())
             if len(items) != len(args):
                 raise ValueError
             return tuple(_coerce(name, a, v) for a, v in zip(args, items, strict=True))
@@ -311,12 +356,13 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
-        return f"{len(typing.get_args(hint))} numbers"
+        args = typing.get_args(hint)
+        return "numbers" if args[-1] is Ellipsis else f"{len(args)} numbers"
     return {bool: "true or false", int: "an integer", float: "a number", dict: "a YAML mapping"}.get(hint, str(hint))
 
 
-def _check_keys(keys: Any, source: str) -> None:
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+def _check_keys(keys: Any, source: str, cls: type[RunConfig] = TrainConfig) -> None:
+    known = [f.name for f in dataclasses.fields(cls)]
     for key in keys:
         if key not in known:
             close = difflib.get_close_matches(str(key), known, n=1)
@@ -324,17 +370,24 @@ def _check_keys(keys: Any, source: str) -> None:
             raise UserError(f"unknown config key '{key}' in {source}{hint}")
 
 
-def load_config_file(name_or_path: str) -> dict[str, Any]:
-    """Read a YAML recipe: a path, or the name of one in `mambaout/configs/` (`femto_in1k`, `digits_cpu`).
+def load_config_file(
+    name_or_path: str, cls: type[RunConfig] = TrainConfig, folder: Path = CONFIG_DIR
+) -> dict[str, Any]:
+    """Read a YAML recipe: a path, or the name of one in `folder` (`femto_in1k`, `digits_cpu` in `mambaout/configs/`).
+
+    Args:
+        name_or_path: A file, or a recipe's name.
+        cls: The config the recipe's keys belong to.
+        folder: Where named recipes live (detection's and segmentation's in sub-folders of `mambaout/configs/`).
 
     Raises:
         UserError: the file is missing, is not a YAML mapping, or has a key that is not a config field.
     """
     path = Path(name_or_path).expanduser()
     if not path.is_file():
-        named = CONFIG_DIR / f"{name_or_path.removesuffix('.yaml')}.yaml"
+        named = folder / f"{name_or_path.removesuffix('.yaml')}.yaml"
         if not named.is_file():
-            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))) or "none found"
+            known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml"))) or "none found"
             raise UserError(f"--config: no file {path} and no recipe named '{name_or_path}' (recipes: {known})")
         path = named
     try:
@@ -352,25 +405,27 @@ def load_config_file(name_or_path: str) -> dict[str, Any]:
         return {}
     if not isinstance(loaded, dict):
         raise UserError(f"--config: {path} must be a mapping of config keys to values")
-    _check_keys(loaded, str(path))
+    _check_keys(loaded, str(path), cls)
     return loaded
 
 
-def build_config(base: dict[str, Any] | None = None, *layers: dict[str, Any]) -> TrainConfig:
-    """A validated config from `base` (defaults when None) updated by each layer in turn (file, then flags)."""
+def build_config(
+    base: dict[str, Any] | None = None, *layers: dict[str, Any], cls: type[RunConfig] = TrainConfig
+) -> Any:
+    """A validated `cls` from `base` (defaults when None) updated by each layer in turn (file, then flags)."""
     merged = dict(base or {})
     for layer in layers:
-        _check_keys(layer, "the command line")
+        _check_keys(layer, "the command line", cls)
         merged.update(layer)
-    _check_keys(merged, "the saved config")
-    return TrainConfig(**merged)
+    _check_keys(merged, "the saved config", cls)
+    return cls(**merged)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] = TrainConfig) -> None:
     """One flag per config field, defaulting to 'not given' so that only explicit flags override the recipe."""
-    hints = typing.get_type_hints(TrainConfig)
+    hints = typing.get_type_hints(cls)
     group = parser.add_argument_group("run settings (override the --config recipe)")
-    for f in dataclasses.fields(TrainConfig):
+    for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata['help']} (built-in: {default})"
@@ -381,11 +436,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         if typing.get_origin(hint) in (typing.Union, types.UnionType):
             (hint,) = (a for a in typing.get_args(hint) if a is not type(None))
-        nargs = len(typing.get_args(hint)) if typing.get_origin(hint) is tuple else None
-        metavar = f.name.upper() if nargs is None else tuple(["V"] * nargs)
+        args = typing.get_args(hint)
+        nargs = ("+" if args[-1] is Ellipsis else len(args)) if typing.get_origin(hint) is tuple else None
+        metavar = f.name.upper() if nargs is None else "V" if nargs == "+" else tuple(["V"] * nargs)
         group.add_argument(flag(f.name), nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
-def config_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config fields given as flags in `args` (raw text, coerced by `TrainConfig`)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+def config_overrides(args: argparse.Namespace, cls: type[RunConfig] = TrainConfig) -> dict[str, Any]:
+    """The config fields given as flags in `args` (raw text, coerced by `cls`)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}

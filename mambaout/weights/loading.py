@@ -27,6 +27,7 @@ __all__ = [
     "load_checkpoint",
     "load_pretrained",
     "our_layout",
+    "pretrained_location",
     "read_state_dict",
     "unwrap_state_dict",
 ]
@@ -238,20 +239,19 @@ def load_checkpoint(
     return model.load_state_dict(state_dict, strict=False, assign=assign)
 
 
-def load_pretrained(
-    model: nn.Module, spec: ModelSpec, pretrained: bool | str | os.PathLike, sha256: str | None = None
-) -> None:
-    """Load the weights `create_model(..., pretrained=...)` asks for.
+def pretrained_location(
+    spec: ModelSpec, pretrained: bool | str | os.PathLike, sha256: str | None = None
+) -> tuple[str, str | None]:
+    """Where the weights `pretrained=` names live, and the SHA-256 to check them against.
 
     Args:
-        model: A freshly built `spec` model.
         spec: The registered variant.
         pretrained: True for the variant's first published source; a source name ("official", "timm"); or a
             checkpoint path or URL.
         sha256: Expected hex SHA-256 of the file; defaults to the source's published hash, if any.
 
     Raises:
-        UserError: The variant has no such source (the message lists those it has), or loading failed.
+        UserError: The variant has no such source (the message lists those it has).
     """
     sources = {source.name: source for source in spec.cfg.sources}
     if pretrained is True:
@@ -260,11 +260,23 @@ def load_pretrained(
         pretrained = spec.cfg.sources[0].name
     location = os.fspath(pretrained)
     if location in sources:
-        location, sha256 = sources[location].url, sha256 or sources[location].sha256
-    elif re.fullmatch(r"[\w-]+", location) and not Path(location).exists():
+        return sources[location].url, sha256 or sources[location].sha256
+    if re.fullmatch(r"[\w-]+", location) and not Path(location).exists():
         # a bare word that is no file is meant as a source name, so say which names exist
         valid = ", ".join(f"'{name}'" for name in sources) or "none"
         raise UserError(
             f"{spec.name} has no '{location}' weights: its sources are {valid}; or pass a checkpoint path or URL"
         )
+    return location, sha256
+
+
+def load_pretrained(
+    model: nn.Module, spec: ModelSpec, pretrained: bool | str | os.PathLike, sha256: str | None = None
+) -> None:
+    """Load the weights `create_model(..., pretrained=...)` asks for (see `pretrained_location`).
+
+    Raises:
+        UserError: The variant has no such source, or loading failed.
+    """
+    location, sha256 = pretrained_location(spec, pretrained, sha256)
     load_checkpoint(model, location, sha256=sha256)

@@ -1,8 +1,13 @@
-"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources."""
+"""List every MambaOut variant: depths, dims, parameters, GMACs at 224, published top-1 and weight sources.
+
+With --dense: Mask R-CNN (COCO, 800×1280) and UperNet (ADE20K, 512×2048) on each variant, parameters and GMACs
+beside the paper's (counted as mmdetection/mmsegmentation count them: see `mambaout.dense.complexity`).
+"""
 
 import argparse
 
 from mambaout.cli.args import integer
+from mambaout.dense.complexity import dense_table
 from mambaout.errors import UserError
 from mambaout.models import get_spec, list_models, model_complexity
 from mambaout.train.config import MAX_INPUT_SIZE
@@ -12,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*", help="shell-style filter on names, e.g. '*rw'")
     parser.add_argument(
         "--img-size", type=integer(32, MAX_INPUT_SIZE), default=224, help="square input size for the MAC count (224)"
+    )
+    parser.add_argument(
+        "--dense", action="store_true", help="Mask R-CNN and UperNet on each variant, beside the paper's figures"
     )
 
 
@@ -35,5 +43,8 @@ def variant_table(pattern: str = "*", img_size: int = 224) -> str:
 def run(args: argparse.Namespace) -> int:
     if not list_models(args.pattern):
         raise UserError(f"no model matches '{args.pattern}': run `mambaout models` to list them all")
+    if args.dense:
+        print(dense_table(list_models(args.pattern)))
+        return 0
     print(variant_table(args.pattern, args.img_size))
     return 0

@@ -73,10 +73,9 @@ class DenseBackbone(nn.Module):
         """
         location, sha256 = pretrained_location(get_spec(name), pretrained)
         weights = our_layout(read_state_dict(location, sha256=sha256), location)
-        own = self.trunk.state_dict()
-        taken = {k: v for k, v in weights.items() if k in own}
-        load_checkpoint(self.trunk, taken, name=location)
-        return sorted(k for k in weights if k not in own)
+        # everything but the classifier must fit exactly: other keys left over mean weights of another variant
+        load_checkpoint(self.trunk, {k: v for k, v in weights.items() if not k.startswith("head.")}, name=location)
+        return sorted(k for k in weights if k.startswith("head."))
 
 
 def create_backbone(

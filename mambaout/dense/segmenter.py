@@ -32,7 +32,8 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
         raise ValueError(f"norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
     if norm == "batch":
         return nn.BatchNorm2d
-    return lambda channels: nn.GroupNorm(gcd(_GROUPS, channels), channels)
+    # at least two channels a group: the pyramid pooling's 1×1 map would leave one value to normalize
+    return lambda channels: nn.GroupNorm(max(1, gcd(_GROUPS, channels // 2)), channels)
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -157,7 +158,7 @@ def create_segmenter(
         model_kwargs: Backbone constructor overrides (e.g. `depths`, `dims` of a tiny test model).
         channels: UperNet's width (512).
         aux_channels: The auxiliary head's width (256), or None for no auxiliary head.
-        norm: "batch" (SyncBatchNorm under multi-GPU DDP) or "group" (GroupNorm, 32 groups where they divide).
+        norm: "batch" (SyncBatchNorm under multi-GPU DDP) or "group" (GroupNorm, 32 groups, fewer for narrow layers).
     """
     backbone = create_backbone(name, pretrained, drop_path_rate, model_kwargs)
     head = UPerHead(backbone.channels, num_classes, channels, norm=norm)

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -114,6 +115,7 @@ class Task(abc.ABC):
         metric: The validation figure (percent, higher is better) that picks `best.pth`: recorded as `val_<metric>`,
             saved as `best_<metric>`.
         metric_label: How messages name it ("val top-1").
+        collate_fn: How the loaders batch samples; None for torch's stacking.
         train_set, val_set: Datasets with `root`, and `status` / `new_unreadable()` as `mambaout.data.ImageFiles`.
         class_names: Name per class, in label order.
         data_root: The dataset's folder, for messages.
@@ -126,6 +128,7 @@ class Task(abc.ABC):
     frozen_on_resume: ClassVar[tuple[str, ...]]
     metric: ClassVar[str]
     metric_label: ClassVar[str]
+    collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None  # how loaders batch samples (None: stacking)
 
     train_set: Dataset
     val_set: Dataset
@@ -169,10 +172,6 @@ class Task(abc.ABC):
     def describe(self, parts: TrainParts) -> tuple[str, str]:
         """The run's first line after `run DIR: MODEL (N params), ` (classes and data), and its last line after
         `step: ` (how a step runs)."""
-
-    def collate(self, batch: list[Any]) -> Any:
-        """How the loaders batch samples; default torch's stacking."""
-        return torch.utils.data.default_collate(batch)
 
     def val_batch_size(self) -> int:
         """Samples per validation batch; default the training batch."""
@@ -462,7 +461,7 @@ class Runner:
             batch_size=config.batch_size,
             sampler=self.sampler,
             num_workers=config.workers,
-            collate_fn=task.collate,
+            collate_fn=task.collate_fn,
             pin_memory=use_cuda,
             drop_last=True,
             generator=self.generator,
@@ -473,7 +472,7 @@ class Runner:
             batch_size=task.val_batch_size(),
             sampler=ShardSampler(task.val_set, env.world_size, env.rank),
             num_workers=config.workers,
-            collate_fn=task.collate,
+            collate_fn=task.collate_fn,
             pin_memory=use_cuda,
             generator=torch.Generator().manual_seed(config.seed),
             worker_init_fn=_ignore_sigint,

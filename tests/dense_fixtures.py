@@ -14,7 +14,7 @@ DETECT = {
     "model": "mambaout_femto",
     "model_kwargs": TINY_MODEL,
     "min_size": "64",
-    "max_size": "64",
+    "max_size": "96",
     "fpn_channels": "16",
     "box_head_dim": "32",
     "rpn_batch_size": "64",

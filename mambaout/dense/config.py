@@ -78,7 +78,7 @@ class DetectConfig(_DenseConfig):
             value = getattr(self, name)
             bounds = f"must be within {MIN_INPUT_SIZE}..{MAX_INPUT_SIZE}"
             check_setting(MIN_INPUT_SIZE <= value <= MAX_INPUT_SIZE, name, bounds, value)
-        check_setting(self.max_size >= self.min_size, "max_size", "must be >= --min-size", self.max_size)
+        check_setting(self.max_size > self.min_size, "max_size", "must be > --min-size", self.max_size)
         for name in ("fpn_channels", "box_head_dim", "rpn_batch_size", "box_batch_size"):
             check_setting(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
 

@@ -242,7 +242,7 @@ class CocoDetection(_Samples):
         if self.masks:
             masks = np.stack([self.coco.annToMask(a["ann"]) for a in anns]) if anns else np.zeros((0, *size), "u1")
             target["masks"] = tv_tensors.Mask(torch.from_numpy(masks))
-        return tv_tensors.Image(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)), target  # [H,W,3] -> [3,H,W]
+        return tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)), target  # [H,W,3] -> [3,H,W]
 
 
 def _read_coco(path: Path) -> COCO:
@@ -358,7 +358,7 @@ class AdeSegmentation(_Samples):
                 f"{self.num_classes} classes: check --num-classes and --reduce-zero-label"
             )
         target = {"mask": tv_tensors.Mask(torch.from_numpy(labels)), "valid": True}
-        return tv_tensors.Image(torch.from_numpy(np.asarray(image)).permute(2, 0, 1)), target  # [H,W,3] -> [3,H,W]
+        return tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)), target  # [H,W,3] -> [3,H,W]
 
 
 def _by_stem(folder: Path, keep: Callable[[Path], bool]) -> dict[str, Path]:

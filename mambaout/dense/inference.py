@@ -86,7 +86,12 @@ def load_dense_model(
     saved = read_checkpoint(checkpoint)
     kind = saved.get("task", "classification")
     if kind != task.name:
-        command = {"classification": "mambaout eval/predict"}.get(kind, f"mambaout {kind[:-3]}...")
+        command = {
+            "classification": "mambaout eval",
+            "detection": "mambaout detect",
+            "segmentation": "mambaout segment",
+        }
+        command = command.get(kind, "its own command")
         raise UserError(f"{checkpoint} is a {kind} checkpoint, not a {task.name} one: use it with `{command}`")
     resolved = build_config(saved["config"], config or {}, cls=task.config_class)
     model = build_detector(resolved) if task is Detection else build_segmenter(resolved)

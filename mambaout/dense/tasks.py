@@ -119,7 +119,7 @@ class SegmentationStep:
 
 def coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: list[int]) -> list[dict[str, Any]]:
     """One image's detections in COCO's results format (x, y, w, h boxes; RLE masks when the model gives masks)."""
-    boxes = output["boxes"].float().cpu()
+    boxes = output["boxes"].float().cpu().clone()
     boxes[:, 2:] -= boxes[:, :2]  # x1, y1, x2, y2 -> x, y, w, h
     results = []
     masks = output.get("masks")

@@ -107,6 +107,7 @@ class SegmentConfig(_DenseConfig):
     head_channels: int = setting(512, "UperNet's width")
     aux_channels: int = setting(256, "the auxiliary FCN head's width (0: no auxiliary head)")
     aux_weight: float = setting(0.4, "weight of the auxiliary head's loss")
+    head_dropout: float = setting(0.1, "dropout before the heads' classifiers")
     head_norm: str = setting("batch", f"norm of the heads: {', '.join(HEAD_NORMS)} (batch needs --batch-size >= 2)")
 
     def _validate(self) -> None:
@@ -120,6 +121,7 @@ class SegmentConfig(_DenseConfig):
         check_setting(self.head_channels >= 1, "head_channels", "must be >= 1", self.head_channels)
         check_setting(self.aux_channels >= 0, "aux_channels", "must be >= 0", self.aux_channels)
         check_setting(self.aux_weight >= 0, "aux_weight", "must be >= 0", self.aux_weight)
+        check_setting(0 <= self.head_dropout < 1, "head_dropout", "must be in [0, 1)", self.head_dropout)
         check_choice(self.head_norm, "head_norm", HEAD_NORMS)
         # the pyramid pooling's 1×1 map holds one value per image: batch statistics need two
         check_setting(

@@ -25,6 +25,7 @@ __all__ = ["HEAD_NORMS", "FCNHead", "Segmenter", "UPerHead", "create_segmenter"]
 
 HEAD_NORMS = ("batch", "group")
 _GROUPS = 32
+_MIN_GROUP = 8
 
 
 def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
@@ -32,8 +33,9 @@ def _norm_layer(norm: str) -> Callable[[int], nn.Module]:
         raise ValueError(f"norm must be one of {', '.join(HEAD_NORMS)}, got {norm!r}")
     if norm == "batch":
         return nn.BatchNorm2d
-    # at least two channels a group: the pyramid pooling's 1×1 map would leave one value to normalize
-    return lambda channels: nn.GroupNorm(max(1, gcd(_GROUPS, channels // 2)), channels)
+    # at least 8 channels a group: on the pyramid pooling's 1×1 map a group of 2 values normalizes to ±1 whatever
+    # they are, and its gradient grows with 1 / their spread
+    return lambda channels: nn.GroupNorm(max(1, gcd(_GROUPS, channels // _MIN_GROUP)), channels)
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -147,6 +149,7 @@ def create_segmenter(
     channels: int = 512,
     aux_channels: int | None = 256,
     norm: str = "batch",
+    dropout: float = 0.1,
 ) -> Segmenter:
     """UperNet (with its auxiliary FCN head on stage 3) on a MambaOut variant.
 
@@ -158,9 +161,10 @@ def create_segmenter(
         model_kwargs: Backbone constructor overrides (e.g. `depths`, `dims` of a tiny test model).
         channels: UperNet's width (512).
         aux_channels: The auxiliary head's width (256), or None for no auxiliary head.
-        norm: "batch" (SyncBatchNorm under multi-GPU DDP) or "group" (GroupNorm, 32 groups, fewer for narrow layers).
+        norm: "batch" (SyncBatchNorm under multi-GPU DDP) or "group" (GroupNorm: 32 groups, fewer under 256 channels).
+        dropout: Dropout before both heads' classifiers (0.1).
     """
     backbone = create_backbone(name, pretrained, drop_path_rate, model_kwargs)
-    head = UPerHead(backbone.channels, num_classes, channels, norm=norm)
-    aux = FCNHead(backbone.channels[2], num_classes, aux_channels, norm) if aux_channels else None
+    head = UPerHead(backbone.channels, num_classes, channels, norm=norm, dropout=dropout)
+    aux = FCNHead(backbone.channels[2], num_classes, aux_channels, norm, dropout) if aux_channels else None
     return Segmenter(backbone, head, aux)

@@ -241,6 +241,7 @@ def build_segmenter(config: SegmentConfig, pretrained: bool | str = False) -> nn
         channels=config.head_channels,
         aux_channels=config.aux_channels or None,
         norm=config.head_norm,
+        dropout=config.head_dropout,
     )
 
 

@@ -1,4 +1,5 @@
-"""Helpers for the dense tests: small synthetic COCO and ADE20K-style datasets, and fast training flags."""
+"""Helpers for the dense tests: small synthetic COCO and ADE20K-style datasets, and fast training settings
+(`flags(DETECT, epochs=2)` gives their command-line flags)."""
 
 import json
 from pathlib import Path
@@ -6,7 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from pycocotools import mask as coco_mask
+from train_fixtures import settings_flags
 
+flags = settings_flags  # `flags(DETECT, epochs="2")`
 TINY_MODEL = "{depths: [1, 1, 1, 1], dims: [8, 16, 24, 32]}"
 COLORS = ((230, 40, 40), (40, 230, 40))
 # a detector of ~60k parameters on 64-pixel images: a step takes a few tens of milliseconds
@@ -49,19 +52,6 @@ SEGMENT = {
     "threads": "1",
     "log_interval": "1000",
 }
-
-
-def flags(base: dict, **overrides: object) -> list[str]:
-    """Command-line flags from `base` updated by `overrides` (lists for multi-value flags, "true"/"false" switches)."""
-    argv: list[str] = []
-    for key, value in {**base, **overrides}.items():
-        flag = key.replace("_", "-")
-        if value in ("true", "false"):
-            argv.append(f"--{flag}" if value == "true" else f"--no-{flag}")
-            continue
-        argv.append(f"--{flag}")
-        argv.extend(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
-    return argv
 
 
 def _squares(rng: np.random.Generator, size: int) -> tuple[np.ndarray, list[tuple[int, list[int]]]]:

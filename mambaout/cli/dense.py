@@ -131,9 +131,9 @@ def _predict(args: argparse.Namespace, task: type[Task]) -> int:
     inputs = [*files, Path(args.checkpoint)]
     stems = _unique_stems(files)
     overlays = {f: check_output(folder / f"{stems[f]}.png", "--output", "png", inputs, args.force) for f in files}
-    label_maps = {
+    label_maps = {} if task is Detection else {
         f: check_output(folder / f"{stems[f]}_labels.png", "--output", "png", inputs, args.force) for f in files
-    }
+    }  # fmt: skip
     json_path = check_output(folder / "predictions.json", "--output", "dense-predictions", inputs, args.force)
     device = resolve_device(args.device)
     dense = load_dense_model(args.checkpoint, task, device, args.ema)

@@ -19,21 +19,19 @@ Both are written in a temporary folder and renamed into place (distributed ranks
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from mambaout.data import cache_dir
+from mambaout.data.digits import write_tree_once
 from mambaout.dense.data import encode_mask
 
 __all__ = ["IHC_CLASSES", "coins_coco", "coins_instances", "ihc_ade", "ihc_labels"]
 
 IHC_CLASSES = ("lumen", "stroma", "nuclei", "dab")
 _COINS, _IHC = "coins-coco-v1", "ihc-ade-v1"
+_PROVENANCE = "derived by mambaout.dense.examples from scikit-image's bundled photos"
 _SEED = 0
 _CROP = 128
 _COINS_TRAIN_ROWS = 215  # the bottom row of coins starts below this line
@@ -86,25 +84,6 @@ def ihc_labels() -> tuple[np.ndarray, np.ndarray]:
     return photo, labels
 
 
-def _written(name: str, root: str | os.PathLike | None, write: Callable[[Path], None]) -> Path:
-    parent = Path(root).expanduser() if root is not None else cache_dir()
-    tree = parent / name
-    if (tree / "COMPLETE").is_file():
-        return tree
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
-    try:
-        write(staging)
-        (staging / "COMPLETE").write_text("derived by mambaout.dense.examples from scikit-image's bundled photos\n")
-        os.rename(staging, tree)
-    except OSError:
-        if not (tree / "COMPLETE").is_file():  # else another process finished the same tree first
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return tree
-
-
 def _random_views(rng: np.random.Generator, height: int, width: int, count: int) -> list[tuple[int, int, int, bool]]:
     """(top, left, quarter turns, flip) of `count` random `_CROP`-sized views inside `height` × `width`."""
     return [
@@ -125,7 +104,7 @@ def coins_coco(root: str | os.PathLike | None = None) -> Path:
     Args:
         root: Parent folder; default `mambaout.data.cache_dir()`.
     """
-    return _written(_COINS, root, _write_coins)
+    return write_tree_once(_COINS, root, _write_coins, _PROVENANCE)
 
 
 def _write_coins(tree: Path) -> None:
@@ -176,7 +155,7 @@ def ihc_ade(root: str | os.PathLike | None = None) -> Path:
     Args:
         root: Parent folder; default `mambaout.data.cache_dir()`.
     """
-    return _written(_IHC, root, _write_ihc)
+    return write_tree_once(_IHC, root, _write_ihc, _PROVENANCE)
 
 
 def _write_ihc(tree: Path) -> None:

@@ -5,9 +5,11 @@ import torch
 from dense_fixtures import TINY_MODEL
 
 import mambaout
+from mambaout.cli import main
 from mambaout.dense import create_backbone, create_detector, create_segmenter, dense_complexity
 from mambaout.dense.backbone import DROP_PATH
-from mambaout.train.config import load_yaml
+from mambaout.dense.config import DETECT_RECIPES, SEGMENT_RECIPES, DetectConfig, SegmentConfig
+from mambaout.train.config import build_config, load_config_file, load_yaml
 from mambaout.weights import convert_state_dict, save_state_dict
 
 TINY = load_yaml(TINY_MODEL)
@@ -103,3 +105,35 @@ def test_tiny_matches_the_papers_params_and_macs(task, params, gmacs):
     c = dense_complexity("mambaout_tiny", task)
     assert c.paper is not None and c.params / 1e6 == pytest.approx(params, abs=0.05)
     assert c.macs / 1e9 == pytest.approx(gmacs, abs=1) and c.macs / 1e9 == pytest.approx(c.paper[1], rel=0.01)
+
+
+def test_models_dense_prints_ours_beside_the_papers(capsys):
+    assert main(["models", "mambaout_tiny", "--dense"]) == 0
+    assert "| mambaout_tiny | 43.1 | 43 | 262 | 262 | 54.1 | 54 | 938 | 938 |" in capsys.readouterr().out
+
+
+def test_every_dense_recipe_loads_and_the_papers_keep_its_settings():
+    for folder, cls, prefix in (
+        (DETECT_RECIPES, DetectConfig, "mask_rcnn"),
+        (SEGMENT_RECIPES, SegmentConfig, "upernet"),
+    ):
+        names = sorted(p.stem for p in folder.glob("*.yaml"))
+        assert len(names) == 4 and ("coins_cpu" in names or "ihc_cpu" in names)
+        for name in names:
+            config = build_config(None, load_config_file(name, cls, folder), cls=cls)
+            if name.startswith(prefix):
+                assert config.drop_path == DROP_PATH[config.model] and config.pretrained == "official"
+                assert (config.opt, config.base_lr, config.lr_batch, config.batch_size) == ("adamw", 1e-4, 16, 2)
+    mask_rcnn = build_config(
+        None, load_config_file("mask_rcnn_tiny_coco", DetectConfig, DETECT_RECIPES), cls=DetectConfig
+    )
+    assert (mask_rcnn.epochs, mask_rcnn.decay_milestones, mask_rcnn.warmup_iters, mask_rcnn.weight_decay) == (
+        12, (8.0, 11.0), 500, 0.05
+    )  # fmt: skip
+    upernet = build_config(
+        None, load_config_file("upernet_tiny_ade20k", SegmentConfig, SEGMENT_RECIPES), cls=SegmentConfig
+    )
+    assert (upernet.iters, upernet.warmup_iters, upernet.sched, upernet.decay_rate, upernet.weight_decay) == (
+        160_000, 1500, "poly", 1.0, 0.01
+    )  # fmt: skip
+    assert (upernet.crop_size, upernet.head_channels, upernet.aux_weight, upernet.num_classes) == (512, 512, 0.4, 150)

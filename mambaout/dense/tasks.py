@@ -290,6 +290,7 @@ class Detection(_DenseTask):
     frozen_on_resume = (*_FROZEN, "kind", "fpn_channels", "box_head_dim")
     metric = "bbox_ap"
     metric_label = "val box AP"
+    default_data = "coins"
     collate_fn = staticmethod(_list_collate)
     config: DetectConfig
     train_set: CocoDetection
@@ -380,6 +381,7 @@ class Segmentation(_DenseTask):
     frozen_on_resume = (*_FROZEN, "head_channels", "aux_channels", "head_norm")
     metric = "miou"
     metric_label = "val mIoU"
+    default_data = "ihc"
     config: SegmentConfig
     train_set: AdeSegmentation
     val_set: AdeSegmentation

@@ -116,6 +116,7 @@ class Task(abc.ABC):
             saved as `best_<metric>`.
         metric_label: How messages name it ("val top-1").
         collate_fn: How the loaders batch samples; None for torch's stacking.
+        default_data: The embedded dataset's short name (run folders are `runs/<model>-<data>-<time>`).
         train_set, val_set: Datasets with `root`, and `status` / `new_unreadable()` as `mambaout.data.ImageFiles`.
         class_names: Name per class, in label order.
         data_root: The dataset's folder, for messages.
@@ -129,6 +130,7 @@ class Task(abc.ABC):
     metric: ClassVar[str]
     metric_label: ClassVar[str]
     collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None  # how loaders batch samples (None: stacking)
+    default_data: ClassVar[str]  # the embedded dataset's name, for default run folders
 
     train_set: Dataset
     val_set: Dataset
@@ -393,7 +395,7 @@ class Runner:
         random_seed(config.seed, env.rank)
         torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not config.deterministic
-        self.run = RunDir(env.broadcast(config.output or _default_output(config)))
+        self.run = RunDir(env.broadcast(config.output or _default_output(config, task.default_data)))
         if checkpoint is None and self.run.holds_run():
             raise UserError(
                 f"{self.run.path} already holds a run: continue it with --resume auto, or pick another --output"
@@ -737,8 +739,8 @@ def fused_step_name(optimizer: torch.optim.Optimizer, config: RunConfig) -> str:
     return f"{'fused' if fused else 'plain'} {config.opt}"
 
 
-def _default_output(config: RunConfig) -> str:
-    data = Path(config.data).expanduser().resolve().name if config.data else "digits"
+def _default_output(config: RunConfig, default_data: str) -> str:
+    data = Path(config.data).expanduser().resolve().name if config.data else default_data
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{config.model.removeprefix('mambaout_')}-{data}-{stamp}")
 

@@ -71,6 +71,7 @@ class Classification(Task):
     frozen_on_resume = FROZEN_ON_RESUME
     metric = "top1"
     metric_label = "val top-1"
+    default_data = "digits"
     config: TrainConfig
 
     @classmethod

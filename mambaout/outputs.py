@@ -45,6 +45,10 @@ OUTPUT_KINDS = {
     "checkpoint": _checkpoint,
     "onnx": lambda head: head[:1] == b"\x08",  # an ONNX ModelProto opens with field 1, ir_version
     "zip": lambda head: head.startswith(_ZIP),  # TorchScript and ExportedProgram archives
+    "dense-eval-json": lambda head: head.lstrip().startswith(b"{") and b'"checkpoint"' in head and b'"task"' in head,
+    "dense-predictions": lambda head: (
+        (head.lstrip().startswith(b"[") and b'"file_name"' in head) or head.strip() == b"[]"
+    ),
 }
 _DESCRIBED = {
     "eval-json": "a `mambaout eval` results file",
@@ -54,6 +58,8 @@ _DESCRIBED = {
     "checkpoint": "a checkpoint",
     "onnx": "an ONNX file",
     "zip": "a TorchScript or ExportedProgram archive",
+    "dense-eval-json": "a `mambaout detect|segment eval` results file",
+    "dense-predictions": "a `mambaout detect|segment predict` JSON",
 }
 
 
@@ -120,5 +126,13 @@ def check_output(
 
 
 def _suffix(kind: str) -> str:
-    suffixes = {"eval-json": ".json", "predictions": ".json", "bench": ".md", "png": ".png", "checkpoint": ".pth"}
+    suffixes = {
+        "eval-json": ".json",
+        "predictions": ".json",
+        "dense-eval-json": ".json",
+        "dense-predictions": ".json",
+        "bench": ".md",
+        "png": ".png",
+        "checkpoint": ".pth",
+    }
     return suffixes.get(kind, {"onnx": ".onnx", "zip": ".pt"}.get(kind, ""))

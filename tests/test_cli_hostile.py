@@ -7,6 +7,7 @@ for a file, a file for a folder, an output equal to an input through a symlink o
 another kind), plus the hostile files of issue 10 (a YAML bomb, bytes that are not UTF-8, crafted checkpoints).
 """
 
+import argparse
 import dataclasses
 import hashlib
 import os
@@ -14,9 +15,12 @@ import typing
 from pathlib import Path
 
 import pytest
+from dense_fixtures import DETECT, SEGMENT, make_ade, make_coco
+from dense_fixtures import flags as dense_flags
 from train_fixtures import flags, make_tree, write_image
 
 from mambaout.cli import SUBCOMMANDS, build_parser, main
+from mambaout.dense.config import DetectConfig, SegmentConfig
 from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
 from mambaout.train.config import TrainConfig
 
@@ -33,6 +37,10 @@ class Workspace:
     tree: Path
     run: Path
     photo: Path
+    coco: Path
+    ade: Path
+    detect: Path
+    segment: Path
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +65,11 @@ def ws(tmp_path_factory) -> Workspace:
     nan = {k: v.clone() for k, v in checkpoint["model"].items()}
     nan["head.fc.weight"][0, 0] = float("nan")
     save_checkpoint(checkpoint | {"model": nan}, root / "nan.pth")
-    return Workspace(root, tree, run, photo)
+    coco, ade = make_coco(root / "coco", train=4, val=1), make_ade(root / "ade", train=4, val=1)
+    detect, segment = root / "detect-run", root / "segment-run"
+    assert main(["detect", "train", "--data", str(coco), "--output", str(detect), *dense_flags(DETECT, epochs=1)]) == 0
+    assert main(["segment", "train", "--data", str(ade), "--output", str(segment), *dense_flags(SEGMENT, iters=2)]) == 0
+    return Workspace(root, tree, run, photo, coco, ade, detect, segment)
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -92,18 +104,53 @@ def _base(ws: Workspace, command: str) -> list[str]:
         "tokens": ["tokens"],
         # as for demo: a case that slips through fails on the missing data, not by running an ablation
         "ablate": ["ablate", "--data", str(ws.root / "missing"), "--output", str(ws.root / "abl")],
-    }[command]
+        "detect train": [
+            "detect", "train", "--data", str(ws.coco), "--output", str(ws.root / "new-detect"),
+            *dense_flags(DETECT, epochs=1),
+        ],
+        "detect eval": [
+            "detect", "eval", "--checkpoint", str(ws.detect / "best.pth"), "--workers", "0", "--json",
+            str(ws.root / "de.json"),
+        ],
+        "detect predict": [
+            "detect", "predict", str(ws.photo), "--checkpoint", str(ws.detect / "best.pth"), "--output",
+            str(ws.root / "detections"),
+        ],
+        "segment train": [
+            "segment", "train", "--data", str(ws.ade), "--output", str(ws.root / "new-segment"),
+            *dense_flags(SEGMENT, iters=2),
+        ],
+        "segment eval": [
+            "segment", "eval", "--checkpoint", str(ws.segment / "best.pth"), "--workers", "0", "--json",
+            str(ws.root / "se.json"),
+        ],
+        "segment predict": [
+            "segment", "predict", str(ws.photo), "--checkpoint", str(ws.segment / "best.pth"), "--output",
+            str(ws.root / "segments"),
+        ],
+    }[command]  # fmt: skip
+
+
+# the commands whose settings are generated from a config class (`_config_cases`), not read from their parser
+TRAINERS = {"train": TrainConfig, "detect train": DetectConfig, "segment train": SegmentConfig}
 
 
 def _parser_cases() -> list[tuple[str, list[str], str]]:
     """(command, bad flag and value, the flag): every checked numeric flag and every choice flag of every parser."""
     subparsers = next(a for a in build_parser()._actions if a.dest == "command").choices
+    parsers = {}
+    for command in SUBCOMMANDS:  # `mambaout detect train` and the like: every action of a command with actions
+        nested = [a for a in subparsers[command]._actions if isinstance(a, argparse._SubParsersAction)]
+        parsers.update({f"{command} {n}": p for n, p in nested[0].choices.items()} if nested else {command: None})
+        parsers[command] = parsers.get(command) or subparsers[command]
     cases = []
-    for command in SUBCOMMANDS:
-        for action in subparsers[command]._actions:
+    for command, parser in parsers.items():
+        if command in SUBCOMMANDS and any(c.startswith(f"{command} ") for c in parsers):
+            continue  # a command of actions takes none of its own flags
+        for action in parser._actions:
             name = next((o for o in action.option_strings if o.startswith("--")), None)
-            if name is None or (command == "train" and name not in ("--config", "--resume")):
-                continue  # train's settings are generated from TrainConfig below
+            if name is None or (command in TRAINERS and name not in ("--config", "--resume")):
+                continue  # the trainers' settings are generated from their config classes below
             nargs = action.nargs if isinstance(action.nargs, int) else 1
             if getattr(action.type, "__module__", "") == "mambaout.cli.args":
                 cases += [(command, [name, *[value] * nargs], name) for value in BAD_NUMBERS]
@@ -113,10 +160,14 @@ def _parser_cases() -> list[tuple[str, list[str], str]]:
 
 
 def _config_cases() -> list[tuple[str, list[str], str]]:
-    """(command, bad flag and value, the flag) for every `mambaout train` setting that takes a value."""
-    hints = typing.get_type_hints(TrainConfig)
+    """(command, bad flag and value, the flag) for every setting of every trainer that takes a value."""
+    return [case for command, cls in TRAINERS.items() for case in _settings_cases(command, cls)]
+
+
+def _settings_cases(command: str, cls: type) -> list[tuple[str, list[str], str]]:
+    hints = typing.get_type_hints(cls)
     cases = []
-    for field in dataclasses.fields(TrainConfig):
+    for field in dataclasses.fields(cls):
         name = "--" + field.name.replace("_", "-")
         hint = hints[field.name]
         if hint is bool:
@@ -126,9 +177,9 @@ def _config_cases() -> list[tuple[str, list[str], str]]:
         width = len(typing.get_args(inner)) if typing.get_origin(inner) is tuple else 1
         if inner in (int, float) or typing.get_origin(inner) is tuple:
             values = ["nan", "abc"] + ([] if field.name == "mean" else ["-7"])  # a negative mean is a mean
-            cases += [("train", [name, *[v] * width], name) for v in values]
+            cases += [(command, [name, *[v] * width], name) for v in values]
         elif inner is str and field.name not in ("output", "data", "pretrained"):
-            cases.append(("train", [name, "bogus"], name))
+            cases.append((command, [name, "bogus"], name))
     return cases
 
 
@@ -211,7 +262,34 @@ def _path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
         ("train", ["train", "--resume", str(r / "missing.pth")], "--resume"),
         ("train", ["train", "--output", str(run), "--resume", "auto", "--opt", "sgd"], "cannot change"),
         ("train", ["train", "--output", str(run), "--resume", "auto", "--layer-decay", "0.8"], "--layer-decay"),
+        *_dense_path_cases(ws),
     ]
+
+
+def _dense_path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
+    """The dense commands' outputs that would destroy something, and their hostile inputs."""
+    r, photo, det, seg = ws.root, str(ws.photo), ws.detect / "best.pth", ws.segment / "best.pth"
+    predict = ["detect", "predict", photo, "--checkpoint", str(det)]
+    return [
+        ("detect eval", ["detect", "eval", "--checkpoint", str(det), "--json", str(det)], "is also an input"),
+        ("detect eval", ["detect", "eval", "--checkpoint", str(det), "--json", photo], "eval` results file"),
+        ("detect eval", ["detect", "eval", "--checkpoint", str(seg)], "is a segmentation checkpoint"),
+        ("detect eval", ["detect", "eval", "--checkpoint", str(ws.run / "best.pth")], "is a classification"),
+        ("detect predict", [*predict, "--output", str(r / "notes.txt")], "is a file"),
+        ("detect predict", [*predict, "--output", str(r)], "is also an input"),  # photo.png over the photo
+        ("detect predict", ["detect", "predict", str(r / "missing.png"), "--checkpoint", str(det)], "missing.png"),
+        ("segment predict", ["segment", "predict", photo, "--checkpoint", str(det)], "is a detection checkpoint"),
+        ("segment eval", ["segment", "eval", "--checkpoint", str(seg), "--json", str(ws.segment / "last.pth")],
+         "training run"),
+        ("detect train", [*_base(ws, "detect train"), "--data", str(ws.ade)], "no annotation file"),
+        ("detect train", [*_base(ws, "detect train"), "--min-size", "64", "--max-size", "32"], "--max-size"),
+        ("detect train", [*_base(ws, "detect train"), "--output", str(ws.detect)], "already holds a run"),
+        ("segment train", [*_base(ws, "segment train"), "--batch-size", "1", "--head-norm", "batch"], "--batch-size"),
+        ("segment train", [*_base(ws, "segment train"), "--num-classes", "7"], "--num-classes 7"),
+        ("segment train", ["segment", "train", "--output", str(ws.detect), "--resume", "auto"], "detection run"),
+        ("segment train", ["segment", "train", "--output", str(ws.segment), "--resume", "auto", "--head-norm",
+                           "group"], "cannot change"),
+    ]  # fmt: skip
 
 
 def _assert_refused(ws: Workspace, capsys, argv: list[str], named: str) -> None:

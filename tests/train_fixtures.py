@@ -34,7 +34,12 @@ FAST = {
 
 def flags(**overrides: object) -> list[str]:
     """`mambaout train` flags: FAST updated by `overrides` (lists for multi-value flags, "true"/"false" for on/off)."""
-    settings = {**FAST, **{k: v for k, v in overrides.items()}}
+    return settings_flags(FAST, **overrides)
+
+
+def settings_flags(base: dict, **overrides: object) -> list[str]:
+    """Command-line flags of the settings `base` updated by `overrides`."""
+    settings = {**base, **overrides}
     argv: list[str] = []
     for key, value in settings.items():
         flag = key.replace("_", "-")

@@ -10,11 +10,26 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
+from mambaout.cli.args import add_malloc
 from mambaout.errors import UserError, one_line
-from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
+from mambaout.fast.allocator import tune_cpu_allocator
 
 # each is the module mambaout.cli.<name>; its docstring's first line is its help text
-SUBCOMMANDS = ("models", "convert", "train", "eval", "predict", "plot", "bench", "export", "demo", "tokens", "ablate")
+SUBCOMMANDS = (
+    "models",
+    "convert",
+    "train",
+    "eval",
+    "predict",
+    "plot",
+    "bench",
+    "export",
+    "demo",
+    "tokens",
+    "ablate",
+    "detect",
+    "segment",
+)
 # the subcommands that run models, so that glibc's malloc may keep their large CPU tensors' memory for reuse
 MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench", "ablate")
 _MESSAGE_LIMIT = 2000  # characters of an error line: messages echo what the user gave, which may be huge
@@ -41,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=module.__doc__)
         module.add_arguments(p)
         if name in MALLOC_SUBCOMMANDS:
-            p.add_argument(
-                "--malloc",
-                choices=MALLOC_MODES,
-                default=MALLOC_MODES[0],
-                help="tuned (default): glibc's malloc keeps freed memory for reuse, which saves page faults on large "
-                "CPU batches (resident memory then does not shrink after a peak); system: leave it alone",
-            )
+            add_malloc(p)
         p.set_defaults(run=module.run)
     return parser
 

@@ -9,9 +9,10 @@ import math
 from collections.abc import Callable
 
 from mambaout.errors import one_line
+from mambaout.fast.allocator import MALLOC_MODES
 from mambaout.train.config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
-__all__ = ["add_force", "class_map", "image_size", "integer", "number"]
+__all__ = ["add_force", "add_malloc", "class_map", "image_size", "integer", "number"]
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
@@ -67,6 +68,17 @@ def add_force(parser: argparse.ArgumentParser, output: str, kind: str) -> None:
         "--force",
         action="store_true",
         help=f"replace an existing {output} that is not {kind} (an input or a run's own file never is)",
+    )
+
+
+def add_malloc(parser: argparse.ArgumentParser) -> None:
+    """The `--malloc` flag of a command that runs models (the CLI tunes glibc's malloc unless it says `system`)."""
+    parser.add_argument(
+        "--malloc",
+        choices=MALLOC_MODES,
+        default=MALLOC_MODES[0],
+        help="tuned (default): glibc's malloc keeps freed memory for reuse, which saves page faults on large "
+        "CPU batches (resident memory then does not shrink after a peak); system: leave it alone",
     )
 
 

@@ -3,11 +3,15 @@
 
 With --token-mixer: the variants built with other token mixers (the Mamba block's SSM, attention, causal forms),
 their parameters and MACs beside the depthwise conv's.
+
+With --dense: Mask R-CNN (COCO, 800×1280) and UperNet (ADE20K, 512×2048) on each variant, parameters and GMACs
+beside the paper's (counted as mmdetection/mmsegmentation count them: see `mambaout.dense.complexity`).
 """
 
 import argparse
 
 from mambaout.cli.args import integer
+from mambaout.dense.complexity import dense_table
 from mambaout.errors import UserError
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import get_spec, list_models, model_complexity
@@ -25,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"also build each variant with these token mixers ({', '.join(TOKEN_MIXERS)}, or all)",
     )
     parser.add_argument("--tags", action="store_true", help="list the pretrained tags (name.tag) and their configs")
+    parser.add_argument(
+        "--dense", action="store_true", help="Mask R-CNN and UperNet on each variant, beside the paper's figures"
+    )
 
 
 def variant_table(pattern: str = "*", img_size: int = 224) -> str:
@@ -86,6 +93,9 @@ def tag_table(pattern: str = "*") -> str:
 def run(args: argparse.Namespace) -> int:
     if not list_models(args.pattern):
         raise UserError(f"no model matches '{args.pattern}': run `mambaout models` to list them all")
+    if args.dense:
+        print(dense_table(list_models(args.pattern)))
+        return 0
     if args.tags or args.token_mixer is None:
         print(tag_table(args.pattern) if args.tags else variant_table(args.pattern, args.img_size))
         return 0

@@ -25,7 +25,9 @@ def latest_default_run(runs: Path = Path("runs")) -> Path | None:
             config = yaml.safe_load((best.parent / "config.yaml").read_text())
         except (OSError, yaml.YAMLError):
             continue  # not a run folder, or one being written
-        if isinstance(config, dict) and not config.get("data"):
+        # a classification run on the embedded default's data (detection configs have a `kind`, segmentation's a
+        # `crop_size`: their embedded defaults have no `data` either)
+        if isinstance(config, dict) and not config.get("data") and not {"kind", "crop_size"} & config.keys():
             found.append((best.stat().st_mtime, best))
     return max(found)[1] if found else None
 

@@ -8,8 +8,10 @@ A checkpoint is a dict of tensors and plain Python values, so `torch.load(weight
     rng                 per rank: torch CPU/CUDA, numpy and python generator states
     epoch               epochs completed; `epoch_progress` tells how far the next one got (mid-epoch saves)
     step                optimizer steps completed
-    config              the resolved TrainConfig as a dict; class_names, model_name
-    best_top1, metrics  best validation top-1 so far and the last epoch's metrics
+    config              the resolved config (TrainConfig, DetectConfig, SegmentConfig) as a dict; class_names,
+                        model_name; `task` ("detection", "segmentation") and `category_ids` for the dense tasks
+    best_top1, metrics  best validation top-1 so far (`best_bbox_ap`, `best_miou` for the dense tasks) and the
+                        last epoch's metrics
 
 `best.pth` holds the same minus optimizer, scaler and rng. Both load with `mambaout.weights.load_checkpoint`.
 """

@@ -1,4 +1,5 @@
-"""Training curves from a run's `metrics.jsonl`: loss, accuracy and learning rate against epochs, as one PNG."""
+"""Training curves from a run's `metrics.jsonl`: loss, accuracy (or AP, mIoU) and learning rate against epochs, as
+one PNG."""
 
 import os
 from pathlib import Path
@@ -13,7 +14,20 @@ __all__ = ["plot_curves"]
 
 _PANELS = (
     ("loss", (("train_loss", "train"), ("val_loss", "val"), ("val_loss_ema", "val (EMA)"))),
-    ("accuracy (%)", (("val_top1", "top-1"), ("val_top5", "top-5"), ("val_top1_ema", "top-1 (EMA)"))),
+    (
+        "accuracy, AP, mIoU (%)",
+        (
+            ("val_top1", "top-1"),
+            ("val_top5", "top-5"),
+            ("val_top1_ema", "top-1 (EMA)"),
+            ("val_bbox_ap", "box AP"),
+            ("val_segm_ap", "mask AP"),
+            ("val_bbox_ap_ema", "box AP (EMA)"),
+            ("val_miou", "mIoU"),
+            ("val_aacc", "aAcc"),
+            ("val_miou_ema", "mIoU (EMA)"),
+        ),
+    ),
     ("learning rate", (("lr", "lr"),)),
 )
 

@@ -1,20 +1,24 @@
-"""The engine: `train_one_epoch` and `evaluate` (the shape of ConvNeXt's engine.py), and `predict`.
+"""The engine: `train_one_epoch` (the shape of ConvNeXt's engine.py) for every task, and classification's step,
+`evaluate` and `predict`.
 
 One optimizer step is `accum_steps` micro-batches; under DistributedDataParallel all but the last run in `no_sync`,
 so gradients are all-reduced once per step. Mixed precision is `torch.autocast` (bf16, or fp16 with a GradScaler).
+A task supplies the forward and backward of one micro-batch (`ForwardBackward`); the loop, accumulation, clipping,
+the scaler, the optimizer and schedule steps, EMA and the NaN stop are this module's, the same for every task.
 
-The faster training step of `mambaout.fast.train_step` is built in, changing how a step runs but not what it
-computes: each loaded batch runs forward and backward in cache-sized pieces (`TrainParts.micro_batch`, each loss
-weighted by its share, so the gradient is the whole batch's), and the blocks can run as split linears (no
-split/cat copies of the hidden activations).
+Classification's step (`ClassificationStep`) has the faster training step of `mambaout.fast.train_step` built in,
+changing how a step runs but not what it computes: each loaded batch runs forward and backward in cache-sized pieces
+(`micro_batch`, each loss weighted by its share, so the gradient is the whole batch's), and the blocks can run as
+split linears (no split/cat copies of the hidden activations).
 """
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -29,19 +33,37 @@ from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
 
 __all__ = [
+    "ClassificationStep",
     "EpochProgress",
+    "ForwardBackward",
     "NonFiniteLoss",
     "TrainParts",
+    "backward",
     "current_lr",
     "evaluate",
     "predict",
     "resolve_amp",
+    "syncing",
     "train_one_epoch",
 ]
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite; the run stops without writing anything (the trainer adds where to go on)."""
+
+
+class ForwardBackward(Protocol):
+    """A task's forward and backward pass of one loaded micro-batch.
+
+    Called with the run's parts, the batch as its loader yields it, and whether this is the optimizer step's last
+    micro-batch (the one whose backward all-reduces the gradients: the others run under `syncing(..., False)`). It
+    scales its loss by 1 / `parts.accum_steps`, passes it to `backward`, and returns the batch's loss summed over its
+    samples (before that scaling) and the number of samples.
+    """
+
+    def __call__(self, parts: "TrainParts", batch: Any, last_micro: bool) -> tuple[float, int]: ...
+
+    def epoch_context(self, module: nn.Module) -> contextlib.AbstractContextManager: ...
 
 
 @dataclass
@@ -53,17 +75,13 @@ class TrainParts:
         module: The plain model inside (for EMA, clipping and checkpoints).
         optimizer: Built by timm's `create_optimizer_v2`.
         scheduler: A timm scheduler; `step_update` is called after every optimizer step.
-        criterion: Training loss on (logits, targets), targets soft when mixup is on.
+        forward_backward: The task's micro-batch step.
         env: The process's rank and device.
-        mixup: timm's Mixup/CutMix, or None.
         scaler: GradScaler for fp16, else None.
         ema: timm's ModelEmaV3, or None.
         amp_dtype: Autocast dtype, or None for float32.
         accum_steps: Micro-batches per optimizer step.
         clip_grad: Max gradient norm, or None.
-        channels_last: Feed images in channels-last memory format.
-        micro_batch: Images per forward/backward pass within a loaded batch, or None for the whole batch.
-        split_linears: Run the MambaOut blocks as split linears during the step (`split_linear_blocks`).
         step: Optimizer steps taken so far over the run.
     """
 
@@ -71,17 +89,13 @@ class TrainParts:
     module: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    criterion: nn.Module
+    forward_backward: ForwardBackward
     env: DistEnv
-    mixup: Callable | None = None
     scaler: torch.amp.GradScaler | None = None
     ema: nn.Module | None = None
     amp_dtype: torch.dtype | None = None
     accum_steps: int = 1
     clip_grad: float | None = None
-    channels_last: bool = False
-    micro_batch: int | None = None
-    split_linears: bool = False
     step: int = 0
 
 
@@ -158,23 +172,18 @@ def train_one_epoch(
     model.train()
     batches = iter(loader)
     start, samples_before = time.perf_counter(), progress.samples
-    # the blocks' class is switched for the whole epoch (parameters, state dict and EMA are untouched by it)
-    with split_linear_blocks(parts.module) if parts.split_linears else nullcontext():
+    with parts.forward_backward.epoch_context(parts.module):
         while progress.updates < num_updates:
             for micro in range(parts.accum_steps):
-                images, targets = _to_device(*next(batches), env, parts.channels_last)
-                if parts.mixup is not None:
-                    images, targets = parts.mixup(images, targets)
-                last_micro = micro == parts.accum_steps - 1
-                loss_sum = _forward_backward(parts, images, targets, last_micro)
+                loss_sum, samples = parts.forward_backward(parts, next(batches), micro == parts.accum_steps - 1)
                 if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing changed or was saved
                     raise NonFiniteLoss(
-                        f"loss is {loss_sum / len(images)} at epoch {epoch + 1}, step {progress.updates + 1} of "
+                        f"loss is {loss_sum / samples} at epoch {epoch + 1}, step {progress.updates + 1} of "
                         f"{num_updates} (run step {parts.step + 1}): try a lower --lr, --clip-grad or --amp none; "
                         "stopped before the update, without saving"
                     )
                 progress.loss_sum += loss_sum
-                progress.samples += len(images)
+                progress.samples += samples
             _optimizer_step(parts)
             progress.updates += 1
             elapsed = time.perf_counter() - start
@@ -189,31 +198,14 @@ def train_one_epoch(
     return False
 
 
-def _forward_backward(
-    parts: TrainParts,
-    images: torch.Tensor,
-    targets: torch.Tensor,
-    last_micro: bool,
-) -> float:
-    """Forward and backward of one loaded batch in pieces of `parts.micro_batch`; returns the batch's loss sum.
+def syncing(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Where a micro-batch's forward and backward run: DDP's `no_sync` unless `sync` (the step's last backward)."""
+    return model.no_sync() if not sync and isinstance(model, DistributedDataParallel) else nullcontext()
 
-    Each piece's mean loss is weighted by its share of the batch and by 1 / `accum_steps`, so the accumulated
-    gradient is the step's mean-loss gradient whatever the piece size (MambaOut has no batch statistics).
-    """
-    model = parts.model
-    chunk = parts.micro_batch or len(images)
-    pieces = list(zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True))
-    total = torch.zeros((), dtype=torch.float64, device=images.device)  # one host sync per batch, not per piece
-    for k, (part, part_targets) in enumerate(pieces):
-        # gradients are all-reduced only in the last backward pass of an optimizer step
-        syncing = (last_micro and k == len(pieces) - 1) or not isinstance(model, DistributedDataParallel)
-        with nullcontext() if syncing else model.no_sync():
-            with autocast(parts.env.device, parts.amp_dtype):
-                loss = parts.criterion(model(part), part_targets)
-            scaled = loss * (len(part) / len(images) / parts.accum_steps)
-            (parts.scaler.scale(scaled) if parts.scaler is not None else scaled).backward()
-        total += loss.detach().double() * len(part)
-    return total.item()
+
+def backward(parts: TrainParts, loss: torch.Tensor) -> None:
+    """Backward of an already scaled loss, through the fp16 GradScaler when there is one."""
+    (parts.scaler.scale(loss) if parts.scaler is not None else loss).backward()
 
 
 def _optimizer_step(parts: TrainParts) -> None:
@@ -231,6 +223,59 @@ def _optimizer_step(parts: TrainParts) -> None:
     parts.scheduler.step_update(num_updates=parts.step)
     if parts.ema is not None:
         parts.ema.update(parts.module, step=parts.step)
+
+
+# --- classification: the step, evaluation and prediction ------------------------------------------------------------
+
+
+@dataclass
+class ClassificationStep:
+    """Classification's `ForwardBackward`: mixup, then forward and backward in pieces of `micro_batch` images.
+
+    Attributes:
+        criterion: Training loss on (logits, targets), targets soft when mixup is on.
+        mixup: timm's Mixup/CutMix, or None.
+        channels_last: Feed images in channels-last memory format.
+        micro_batch: Images per forward/backward pass within a loaded batch, or None for the whole batch.
+        split_linears: Run the MambaOut blocks as split linears during the epoch (`split_linear_blocks`).
+    """
+
+    criterion: nn.Module
+    mixup: Callable | None = None
+    channels_last: bool = False
+    micro_batch: int | None = None
+    split_linears: bool = False
+
+    def epoch_context(self, module: nn.Module) -> contextlib.AbstractContextManager:
+        # the blocks' class is switched for the whole epoch (parameters, state dict and EMA are untouched by it)
+        return split_linear_blocks(module) if self.split_linears else nullcontext()
+
+    def __call__(self, parts: TrainParts, batch: Any, last_micro: bool) -> tuple[float, int]:
+        images, targets = _to_device(*batch, parts.env, self.channels_last)
+        if self.mixup is not None:
+            images, targets = self.mixup(images, targets)
+        return self._forward_backward(parts, images, targets, last_micro), len(images)
+
+    def _forward_backward(
+        self, parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, last_micro: bool
+    ) -> float:
+        """Forward and backward of one loaded batch in pieces of `micro_batch`; returns the batch's loss sum.
+
+        Each piece's mean loss is weighted by its share of the batch and by 1 / `accum_steps`, so the accumulated
+        gradient is the step's mean-loss gradient whatever the piece size (MambaOut has no batch statistics).
+        """
+        model = parts.model
+        chunk = self.micro_batch or len(images)
+        pieces = list(zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True))
+        total = torch.zeros((), dtype=torch.float64, device=images.device)  # one host sync per batch, not per piece
+        for k, (part, part_targets) in enumerate(pieces):
+            # gradients are all-reduced only in the last backward pass of an optimizer step
+            with syncing(model, last_micro and k == len(pieces) - 1):
+                with autocast(parts.env.device, parts.amp_dtype):
+                    loss = self.criterion(model(part), part_targets)
+                backward(parts, loss * (len(part) / len(images) / parts.accum_steps))
+            total += loss.detach().double() * len(part)
+        return total.item()
 
 
 @torch.no_grad()

@@ -87,6 +87,10 @@ def load_classifier(
     local = checkpoint is not None and not is_url(checkpoint) and Path(checkpoint).expanduser().exists()
     loaded = read_file(Path(checkpoint).expanduser()) if local else None
     if is_run_checkpoint(loaded):
+        task = loaded.get("task", "classification")
+        if task != "classification":  # a `mambaout detect|segment train` run
+            command = {"detection": "detect", "segmentation": "segment"}.get(task, task)
+            raise UserError(f"{checkpoint} is a {task} checkpoint: use it with `mambaout {command} eval` or `predict`")
         saved = loaded["config"]
         if model_name and model_name != loaded["model_name"]:
             raise UserError(f"{checkpoint} holds a {loaded['model_name']}, not a {model_name}: drop --model")

@@ -1,0 +1,771 @@
+"""The one training engine around a task: a whole run's set-up, epochs, evaluation, checkpoints and records.
+
+A `Task` (classification in `mambaout.train.trainer`, detection and segmentation in `mambaout.dense`) supplies its
+config class, data, model, micro-batch step and validation metric; everything else is here, the same for every
+task: `prepare_run` turns a recipe, flags and `--resume` into a config (and the checkpoint to continue from), and
+`run_training` runs it, on one process or under `torchrun` with DistributedDataParallel. Only rank 0 prints and
+writes.
+
+Never losing a run: `last.pth` is replaced atomically after every epoch (and every `save_interval` steps); SIGINT
+and SIGTERM finish the current optimizer step, save a resumable `last.pth` and raise `TrainingInterrupted`; a NaN or
+infinite loss raises `NonFiniteLoss` before anything is written. `--resume auto` picks `last.pth` up: at an epoch
+end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0).
+"""
+
+import abc
+import dataclasses
+import math
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, random_seed
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+
+from mambaout.data import ResumableSampler, ShardSampler, TransformFailed
+from mambaout.errors import UserError, describe
+from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
+from mambaout.train.config import CONFIG_DIR, RunConfig, build_config, flag, load_config_file
+from mambaout.train.distributed import DistEnv, init_distributed
+from mambaout.train.engine import (
+    EpochProgress,
+    ForwardBackward,
+    NonFiniteLoss,
+    TrainParts,
+    current_lr,
+    resolve_amp,
+    train_one_epoch,
+)
+from mambaout.train.progress import Progress, format_duration
+from mambaout.train.rundir import RunDir
+
+__all__ = [
+    "Task",
+    "TrainResult",
+    "TrainingInterrupted",
+    "fused_step_name",
+    "listed",
+    "prepare_run",
+    "run_training",
+    "warn",
+]
+
+_SHOW_UNREADABLE = 10  # files listed by name in the once-per-dataset report
+_RESUME_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "class_names")
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after saving `checkpoint`."""
+
+    def __init__(self, signum: int, checkpoint: Path, where: str, command: str = "mambaout train"):
+        self.signum, self.checkpoint = signum, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received {where}: saved {checkpoint}; continue with "
+            f"`{command} --output {checkpoint.parent} --resume auto`"
+        )
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """Where the run is and how it ended.
+
+    Attributes:
+        run_dir: The run folder.
+        epochs: Epochs the run was configured for.
+        metric: The validation figure that picks `best.pth` (`top1`, `bbox_ap`, `miou`).
+        best: Its best value (percent), -inf before any evaluation.
+        metrics: The last epoch's record.
+    """
+
+    run_dir: Path
+    epochs: int
+    metric: str
+    best: float
+    metrics: dict[str, Any]
+
+
+class Task(abc.ABC):
+    """What one kind of training supplies to the engine: its settings, data, model, step and metric.
+
+    The class attributes are used before a run exists (`prepare_run`, the command line); an instance is one run's
+    task, built with the run's config and process, and set up by `Runner` in the order of the methods below.
+
+    Attributes:
+        name: Saved in checkpoints as `task` ("classification", "detection", "segmentation").
+        command: The command that trains it, for messages (`mambaout train`).
+        config_class: Its `RunConfig` subclass.
+        recipes: The folder of its named recipes.
+        frozen_on_resume: Settings a resumed run cannot change: its weights and optimizer state were made under them
+            (PyTorch's optimizer restores its saved hyperparameters, so a changed value would be ignored, or crash on
+            another optimizer's state). The learning-rate schedule may change: it is recomputed from the config at
+            the saved step.
+        metric: The validation figure (percent, higher is better) that picks `best.pth`: recorded as `val_<metric>`,
+            saved as `best_<metric>`.
+        metric_label: How messages name it ("val top-1").
+        collate_fn: How the loaders batch samples; None for torch's stacking.
+        default_data: The embedded dataset's short name (run folders are `runs/<model>-<data>-<time>`).
+        train_set, val_set: Datasets with `root`, and `status` / `new_unreadable()` as `mambaout.data.ImageFiles`.
+        class_names: Name per class, in label order.
+        data_root: The dataset's folder, for messages.
+    """
+
+    name: ClassVar[str]
+    command: ClassVar[str]
+    config_class: ClassVar[type[RunConfig]]
+    recipes: ClassVar[Path] = CONFIG_DIR
+    frozen_on_resume: ClassVar[tuple[str, ...]]
+    metric: ClassVar[str]
+    metric_label: ClassVar[str]
+    collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None  # how loaders batch samples (None: stacking)
+    default_data: ClassVar[str]  # the embedded dataset's name, for default run folders
+
+    train_set: Dataset
+    val_set: Dataset
+    class_names: list[str]
+    data_root: Path
+
+    def __init__(self, config: Any, env: DistEnv):
+        self.config, self.env = config, env
+
+    @classmethod
+    @abc.abstractmethod
+    def default_recipe(cls, model: str, has_data: bool) -> str | None:
+        """The recipe used without --config, or None for the config class's defaults."""
+
+    @abc.abstractmethod
+    def build_data(self, checkpoint: dict[str, Any] | None) -> None:
+        """Set `train_set`, `val_set`, `class_names` and `data_root`; refuse data a resumed run was not trained on."""
+
+    @abc.abstractmethod
+    def build_model(self, pretrained: bool) -> nn.Module:
+        """The model on the CPU, with `config.pretrained` weights when `pretrained`; set `self.config` to the config
+        with this task's settings resolved (number of classes, sizes) and the datasets' transforms."""
+
+    @abc.abstractmethod
+    def forward_backward(self, module: nn.Module, amp_dtype: torch.dtype | None) -> ForwardBackward:
+        """The micro-batch step for `module` (the plain model) under `amp_dtype`."""
+
+    @abc.abstractmethod
+    def check_memory(self, parts: TrainParts) -> None:
+        """Refuse a batch whose activations cannot fit in the device's free memory (`UserError`)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, loader: DataLoader, amp_dtype: torch.dtype | None) -> dict[str, float]:
+        """Validation figures over `loader` on every rank (`metric` among them), equal on all ranks."""
+
+    @abc.abstractmethod
+    def epoch_summary(self, record: dict[str, Any]) -> str:
+        """The validation part of the epoch's line (empty when the epoch was not evaluated)."""
+
+    @abc.abstractmethod
+    def describe(self, parts: TrainParts) -> tuple[str, str]:
+        """The run's first line after `run DIR: MODEL (N params), ` (classes and data), and its last line after
+        `step: ` (how a step runs)."""
+
+    def val_batch_size(self) -> int:
+        """Samples per validation batch; default the training batch."""
+        return self.config.batch_size
+
+    @abc.abstractmethod
+    def warn_about_data(self) -> None:
+        """Report, once on rank 0, what the datasets skipped while they were read in."""
+
+    def checkpoint_extras(self) -> dict[str, Any]:
+        """What checkpoints keep about the data besides `class_names` (e.g. COCO category ids)."""
+        return {}
+
+
+def prepare_run(
+    task: type[Task], config_file: str | None, overrides: dict[str, Any], resume: str | None
+) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The run's config and, when resuming, the checkpoint to continue from; nothing is written.
+
+    Args:
+        task: The kind of run.
+        config_file: `--config` (path or recipe name); default `task.default_recipe`. Ignored when resuming: a
+            resumed run keeps its saved config, changed only by `overrides` of settings outside its frozen ones.
+        overrides: Config values given as flags. When `epochs` (`iters`) is given without `warmup_epochs`
+            (`warmup_iters`), the recipe's warm-up keeps its share of the schedule (20 of 300 epochs: 2 of 30), and
+            so do its multistep milestones.
+        resume: None, "auto" (`<output>/last.pth`; a new run when `<output>` holds no run at all), or a checkpoint
+            file or run folder.
+
+    Raises:
+        UserError: Bad settings, a run folder with no resumable checkpoint, a damaged checkpoint, or a change to a
+            setting that cannot change on resume.
+    """
+    checkpoint, path = None, None
+    if resume == "auto":
+        if not overrides.get("output"):
+            raise UserError("--resume auto needs --output RUN_DIR (the run to continue, or to start)")
+        run = RunDir(overrides["output"])
+        if run.last.exists():
+            path = run.last
+        elif run.holds_run():
+            present = ", ".join(p.name for p in run.files if p.exists())
+            raise UserError(
+                f"--resume auto: {run.path} holds a run ({present}) but no last.pth to continue from: give a "
+                "checkpoint with --resume PATH, or start a new run with another --output"
+            )
+    elif resume:
+        path = Path(resume).expanduser()
+        path = RunDir(path).last if path.is_dir() else path
+        if not path.exists():
+            raise UserError(f"--resume: no checkpoint at {path}")
+        overrides = {"output": str(path.parent), **overrides}
+    if path is not None:
+        checkpoint = _read_resumable(task, path)
+        return _resumed_config(task, checkpoint, overrides, path), checkpoint
+    cls = task.config_class
+    model = str(overrides.get("model", cls.model))
+    name = config_file or task.default_recipe(model, bool(overrides.get("data")))
+    recipe = load_config_file(name, cls, task.recipes) if name else {}
+    return build_config(None, recipe, _kept_in_proportion(cls, recipe, overrides), cls=cls), None
+
+
+def _kept_in_proportion(cls: type[RunConfig], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`overrides` plus the recipe's warm-up (and multistep milestones) scaled to a changed length; printed, as it is
+    a choice."""
+    base = build_config(None, recipe, cls=cls)
+    scaled = dict(overrides)
+    for length, parts in (("epochs", ("warmup_epochs", "decay_milestones")), ("iters", ("warmup_iters",))):
+        if length not in overrides or getattr(base, length) is None:
+            continue
+        try:
+            wanted = int(overrides[length])
+        except (TypeError, ValueError):
+            return overrides  # a bad value gets its own message from the config
+        was = getattr(base, length)
+        if wanted == was or wanted < 1:
+            continue
+        for part in parts:
+            value = getattr(base, part)
+            if part in overrides or not value:
+                continue
+            if part == "decay_milestones":
+                scaled[part] = tuple(m * wanted / was for m in value)
+                shown, text = " ".join(f"{m:.3g}" for m in scaled[part]), ", ".join(f"{m:g}" for m in value)
+            else:
+                scaled[part] = value * wanted / was if part == "warmup_epochs" else round(value * wanted / was)
+                shown, text = f"{scaled[part]:.3g}", f"{value:g}"
+            print(
+                f"{flag(part)} {shown}: the recipe's {text} of {was} {length}, kept in proportion for "
+                f"{flag(length)} {wanted} (pass {flag(part)} to choose)",
+                flush=True,
+            )
+    return scaled
+
+
+def _read_resumable(task: type[Task], path: Path) -> dict[str, Any]:
+    """A `last.pth` that holds all a resumed run needs; a damaged one is refused, offering `best.pth` if it reads."""
+    try:
+        checkpoint = read_checkpoint(path)
+    except UserError as e:
+        raise UserError(f"--resume: {e}{_best_fallback(task, path)}") from None
+    if checkpoint.get("optimizer") is None:
+        raise UserError(
+            f"--resume: {path} holds weights only (a best.pth?): resume from last.pth, or start a new run from "
+            "these weights with --pretrained"
+        )
+    saved_task = checkpoint.get("task", "classification")
+    if saved_task != task.name:
+        raise UserError(f"--resume: {path} is a {saved_task} run, not a {task.name} run: resume it with its command")
+    missing = [k for k in _RESUME_KEYS if k not in checkpoint]
+    optimizer = checkpoint["optimizer"]
+    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
+        missing.append("the optimizer's state and param_groups")
+    if missing:
+        raise UserError(
+            f"--resume: {path} lacks what a resumed run needs ({', '.join(missing)}); it was not written by "
+            f"`{task.command}` or is damaged{_best_fallback(task, path)}"
+        )
+    return checkpoint
+
+
+def _best_fallback(task: type[Task], last: Path) -> str:
+    """The message's way out when `last` cannot be resumed: `best.pth` beside it, when it reads."""
+    best = RunDir(last.parent).best
+    if best == last or not best.exists():
+        return ""
+    try:
+        saved = read_checkpoint(best)
+    except UserError:
+        return ""
+    value = saved.get(f"best_{task.metric}", float("nan"))
+    return (
+        f"; {best} (epoch {saved.get('epoch', '?')}, {task.metric_label} {value:.2f}%) reads: "
+        f"continue from its weights in a new run with --pretrained {best} --output NEW_DIR"
+    )
+
+
+def _resumed_config(task: type[Task], checkpoint: dict[str, Any], overrides: dict[str, Any], path: Path) -> Any:
+    """The saved config with `overrides`, after checking that none changes a setting frozen on resume."""
+    cls = task.config_class
+    try:
+        saved = build_config(checkpoint["config"], cls=cls)
+    except UserError as e:
+        raise UserError(f"--resume: {path} holds a config this version rejects: {e}") from None
+    requested = build_config(checkpoint["config"], overrides, cls=cls)
+    changed = [f.name for f in dataclasses.fields(cls) if getattr(saved, f.name) != getattr(requested, f.name)]
+    frozen = [k for k in changed if k in task.frozen_on_resume]
+    if frozen:
+        raise UserError(
+            f"--resume: {path} was trained with other settings that cannot change when resuming "
+            f"({_changes(saved, requested, frozen)}): drop those flags, or start a new run from its weights with "
+            f"--pretrained {path} --output NEW_DIR"
+        )
+    if changed:
+        print(f"resuming with changed settings: {_changes(saved, requested, changed)}", flush=True)
+    return requested
+
+
+def _changes(saved: RunConfig, requested: RunConfig, keys: list[str]) -> str:
+    return "; ".join(f"{flag(k)} {getattr(saved, k)!r} -> {getattr(requested, k)!r}" for k in keys)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set `received` instead of killing the process; the same signal again acts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # a terminal's Ctrl-C reaches loader workers too; the training process alone decides how to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def run_training(task: type[Task], config: RunConfig, checkpoint: dict[str, Any] | None = None) -> TrainResult:
+    """Run training to `config.epochs` (or `config.iters`), continuing `checkpoint` when given.
+
+    Args:
+        task: The kind of run.
+        config: From `prepare_run` (or built directly).
+        checkpoint: A `last.pth` to continue from (`prepare_run` checked it); without one, `config.output` must not
+            hold a run yet.
+
+    Raises:
+        UserError: Bad data, model or settings; NonFiniteLoss for a diverged run.
+        TrainingInterrupted: SIGINT/SIGTERM, after saving.
+    """
+    env = init_distributed(config.device)
+    try:
+        with _StopSignals() as signals:
+            return Runner(task(config, env), checkpoint, signals).fit()
+    finally:
+        env.shutdown()
+
+
+class Runner:
+    """One run's state; `fit` drives the epochs."""
+
+    def __init__(self, task: Task, checkpoint: dict[str, Any] | None, signals: _StopSignals):
+        self.task, self.env, self.signals = task, task.env, signals
+        config, env = task.config, task.env
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        random_seed(config.seed, env.rank)
+        torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+        torch.backends.cudnn.benchmark = not config.deterministic
+        self.run = RunDir(env.broadcast(config.output or _default_output(config, task.default_data)))
+        if checkpoint is None and self.run.holds_run():
+            raise UserError(
+                f"{self.run.path} already holds a run: continue it with --resume auto, or pick another --output"
+            )
+        task.build_data(checkpoint)
+        if env.is_main:
+            task.warn_about_data()
+        self._build_model(checkpoint)
+        self._build_optimization()
+        task.check_memory(self.parts)
+        self._restore(checkpoint)
+
+    # --- set-up ----------------------------------------------------------------------------------------------------
+
+    def _build_model(self, checkpoint: dict[str, Any] | None) -> None:
+        task, env = self.task, self.env
+        model = task.build_model(pretrained=bool(task.config.pretrained) and checkpoint is None)
+        config = task.config
+        global_batch = config.global_batch(env.world_size)
+        self.lr_rule = (
+            "(set by lr)"
+            if config.lr is not None
+            else f"= base_lr {config.base_lr:g} × {global_batch} / {config.lr_batch}"
+        )
+        self.config = task.config = config = dataclasses.replace(
+            config, output=str(self.run.path), lr=config.resolved_lr(env.world_size)
+        )
+        if config.min_lr > config.lr and env.is_main and config.sched != "multistep":
+            warn(
+                f"--min-lr {config.min_lr:g} is above the resolved lr {config.lr:g}: the schedule will rise, not decay"
+            )
+        model.to(env.device)
+        if env.distributed and env.device.type == "cuda":  # batch statistics over all GPUs, as mmdet/mmseg's SyncBN
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.module = model
+        self.eval_model = torch.compile(model) if config.compile else model
+        self.forward_model = self.eval_model
+        if env.distributed:  # DDP's constructor gives every rank rank 0's weights
+            device_ids = [env.device.index] if env.device.type == "cuda" else None
+            # depthwise kernels [C, 1, k, k] get gradients whose stride differs only on the size-1 dim: same memory
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.forward_model = DistributedDataParallel(
+                self.eval_model, device_ids=device_ids, gradient_as_bucket_view=True
+            )
+        self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=config.ema_warmup) if config.ema else None
+        self.amp_dtype = resolve_amp(config.amp, env.device)
+
+    def _build_optimization(self) -> None:
+        config, env, task = self.config, self.env, self.task
+        self.sampler = ResumableSampler(task.train_set, env.world_size, env.rank, seed=config.seed)
+        self.updates_per_epoch = len(self.sampler) // (config.batch_size * config.accum_steps)
+        if self.updates_per_epoch == 0:
+            raise UserError(
+                f"{task.train_set.root} has {len(self.sampler)} images per process, fewer than one optimizer step "
+                f"takes ({config.batch_size} × {config.accum_steps} accumulation steps): lower --batch-size"
+            )
+        # an iteration-based run (--iters) is whole epochs and a last one cut short
+        self.epochs = math.ceil(config.iters / self.updates_per_epoch) if config.iters else config.epochs
+        use_cuda = env.device.type == "cuda"
+        self.generator = torch.Generator()
+        self.train_loader = DataLoader(
+            task.train_set,
+            batch_size=config.batch_size,
+            sampler=self.sampler,
+            num_workers=config.workers,
+            collate_fn=task.collate_fn,
+            pin_memory=use_cuda,
+            drop_last=True,
+            generator=self.generator,
+            worker_init_fn=_ignore_sigint,
+        )
+        self.val_loader = DataLoader(
+            task.val_set,
+            batch_size=task.val_batch_size(),
+            sampler=ShardSampler(task.val_set, env.world_size, env.rank),
+            num_workers=config.workers,
+            collate_fn=task.collate_fn,
+            pin_memory=use_cuda,
+            generator=torch.Generator().manual_seed(config.seed),
+            worker_init_fn=_ignore_sigint,
+        )
+        optimizer = _create_optimizer(self.module, config)
+        upe = self.updates_per_epoch
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched=config.sched,
+            num_epochs=config.iters / upe if config.iters else config.epochs,
+            warmup_epochs=config.warmup_iters / upe if config.warmup_iters is not None else config.warmup_epochs,
+            warmup_lr=config.warmup_lr,
+            min_lr=config.min_lr,
+            decay_rate=config.decay_rate,
+            decay_milestones=list(config.decay_milestones),
+            step_on_epochs=not config.sched_on_updates,
+            updates_per_epoch=upe,
+        )
+        self.parts = TrainParts(
+            model=self.forward_model,
+            module=self.module,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            forward_backward=task.forward_backward(self.module, self.amp_dtype),
+            env=env,
+            scaler=torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None,
+            ema=self.ema,
+            amp_dtype=self.amp_dtype,
+            accum_steps=config.accum_steps,
+            clip_grad=config.clip_grad,
+        )
+
+    def _updates_in(self, epoch: int) -> int:
+        """Optimizer steps in epoch `epoch` (0-based): all of them, but for an `--iters` run's last one."""
+        if not self.config.iters:
+            return self.updates_per_epoch
+        return min(self.updates_per_epoch, self.config.iters - epoch * self.updates_per_epoch)
+
+    def _restore(self, checkpoint: dict[str, Any] | None) -> None:
+        self.start_epoch, self.best, self.elapsed_before = 0, float("-inf"), 0.0
+        self.resumed_progress = EpochProgress()
+        self.last_metrics: dict[str, Any] = {}
+        if checkpoint is None:
+            return
+        parts = self.parts
+        try:
+            self.module.load_state_dict(checkpoint["model"])
+        except RuntimeError as e:
+            first = str(e).splitlines()[1].strip() if "\n" in str(e) else str(e)
+            raise UserError(f"the run's weights do not fit {self.config.model} as now configured: {first}") from None
+        try:
+            parts.optimizer.load_state_dict(checkpoint["optimizer"])
+            if parts.scaler is not None and checkpoint.get("scaler"):
+                parts.scaler.load_state_dict(checkpoint["scaler"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # a crafted or damaged state: one line
+            raise UserError(
+                f"the optimizer state of the run being resumed does not fit this run ({describe(e)})"
+            ) from None
+        # timm's schedules are functions of the config and the step: recomputed, so a longer --epochs reshapes them
+        parts.scheduler.step(checkpoint["epoch"])
+        parts.scheduler.step_update(num_updates=checkpoint["step"])
+        if self.ema is not None:
+            if checkpoint.get("ema"):
+                self.ema.module.load_state_dict(checkpoint["ema"])
+            elif self.env.is_main:
+                warn("the run being resumed kept no EMA: starting the EMA from the current weights")
+        parts.step = checkpoint["step"]
+        self.start_epoch = checkpoint["epoch"]
+        self.best = checkpoint.get(f"best_{self.task.metric}", float("-inf"))
+        self.elapsed_before = checkpoint.get("elapsed_s", 0.0)
+        self.last_metrics = checkpoint.get("metrics") or {}
+        self.resumed_progress = EpochProgress(**checkpoint.get("epoch_progress") or {})
+        if not self.env.is_main:  # the saved sums are over all ranks; rank 0 carries them
+            self.resumed_progress.loss_sum, self.resumed_progress.samples = 0.0, 0
+        if self.resumed_progress.updates > self.updates_per_epoch:
+            raise UserError("the checkpoint is further into its epoch than this data and batch size allow")
+        states = checkpoint["rng"]
+        if len(states) == self.env.world_size:
+            set_rng_state(states[self.env.rank])
+        elif self.env.is_main:
+            warn(f"saved by {len(states)} processes, resumed by {self.env.world_size}: random draws will differ")
+
+    # --- the run ---------------------------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        config, env, task = self.config, self.env, self.task
+        self.start_time = time.perf_counter()
+        if env.is_main:
+            self.run.create()
+            self.run.keep_metrics_until(self.start_epoch)
+            description = self._describe()
+            self.run.write_config(config.to_dict(), description)
+            print(description, flush=True)
+        for epoch in range(self.start_epoch, self.epochs):
+            progress = self.resumed_progress if epoch == self.start_epoch else EpochProgress()
+            updates = self._updates_in(epoch)
+            self.sampler.set_epoch(epoch, start=progress.updates * config.accum_steps * config.batch_size)
+            self.generator.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + env.rank)
+            bar = Progress(
+                updates,
+                progress.updates,
+                f"epoch {epoch + 1}/{self.epochs}",
+                enabled=env.is_main,
+                log_interval=config.log_interval,
+            )
+            try:
+                stopped = train_one_epoch(
+                    self.parts,
+                    self.train_loader,
+                    epoch,
+                    updates,
+                    progress,
+                    bar,
+                    should_stop=lambda: env.any(self.signals.received is not None),
+                    after_update=lambda epoch=epoch, progress=progress: self._periodic_save(epoch, progress),
+                )
+            except (NonFiniteLoss, TransformFailed) as e:
+                raise type(e)(f"{e}; {self._last_good_state()}") from None
+            finally:
+                bar.close()
+            self._report_unreadable(task.train_set)
+            if stopped:
+                self._save_last(epoch, progress)
+                where = f"in epoch {epoch + 1} at step {progress.updates}/{updates}"
+                raise TrainingInterrupted(self._received(), self.run.last, where, task.command)
+            self.parts.scheduler.step(epoch + 1)
+            self._end_epoch(epoch, progress)
+            if env.any(self.signals.received is not None):
+                raise TrainingInterrupted(self._received(), self.run.last, f"after epoch {epoch + 1}", task.command)
+        if env.is_main and self.start_epoch >= self.epochs:
+            print(f"{self.run.path} already finished its {self.epochs} epochs", flush=True)
+        elif env.is_main:
+            print(f"best {task.metric_label} {self.best:.2f}%: {self.run.best}", flush=True)
+        return TrainResult(self.run.path, self.epochs, task.metric, self.best, self.last_metrics)
+
+    def _last_good_state(self) -> str:
+        """Where a run that stopped on an error can go on from: nothing was written for the failing step."""
+        if self.run.last.exists():
+            return f"{self.run.last} holds the last good state: fix the cause, then continue with --resume auto"
+        return "no checkpoint was written yet: fix the cause and start the run again"
+
+    def _received(self) -> int:
+        return self.signals.received or signal.SIGTERM  # another rank got it: torchrun signals them all
+
+    def _end_epoch(self, epoch: int, progress: EpochProgress) -> None:
+        config, env, task = self.config, self.env, self.task
+        due = (epoch + 1) % config.eval_interval == 0 or epoch + 1 == self.epochs
+        totals = self._over_ranks(progress)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.parts.step,
+            "train_loss": totals.loss,
+            "lr": current_lr(self.parts.optimizer),
+            "images_per_sec": totals.samples / max(progress.seconds, 1e-9),
+        }
+        if due:
+            val = task.evaluate(self.eval_model, self.val_loader, self.amp_dtype)
+            record.update({f"val_{k}": v for k, v in val.items()})
+            if self.ema is not None:
+                ema = task.evaluate(self.ema.module, self.val_loader, self.amp_dtype)
+                record.update({f"val_{k}_ema": v for k, v in ema.items()})
+            self._report_unreadable(task.val_set)
+        record["elapsed_s"] = self._elapsed()
+        self.last_metrics = record
+        improved = due and record[f"val_{task.metric}"] > self.best
+        if improved:
+            self.best = record[f"val_{task.metric}"]
+        if env.is_main:
+            # metrics first: a crash before last.pth is written re-runs the epoch, and resuming drops its line
+            self.run.append_metrics(record)
+            if improved:
+                save_checkpoint(self._weights(epoch + 1), self.run.best)
+        self._save_last(epoch + 1, None)
+        if env.is_main:
+            print(self._epoch_line(record), flush=True)
+
+    def _epoch_line(self, record: dict[str, Any]) -> str:
+        parts = [f"epoch {record['epoch']}/{self.epochs}", f"train_loss {record['train_loss']:.4f}"]
+        summary = self.task.epoch_summary(record)
+        if summary:
+            parts.append(summary)
+        rate = f"{record['images_per_sec']:.0f} img/s"
+        parts.append(f"lr {record['lr']:.2e} {rate} {format_duration(record['elapsed_s'])}")
+        return "  ".join(parts)
+
+    def _periodic_save(self, epoch: int, progress: EpochProgress) -> None:
+        interval = self.config.save_interval
+        if interval and self.parts.step % interval == 0 and progress.updates < self._updates_in(epoch):
+            self._save_last(epoch, progress)
+
+    def _weights(self, epochs_done: int) -> dict[str, Any]:
+        """What `best.pth` holds, and the weights part of `last.pth`."""
+        task = self.task
+        weights = {
+            "model": self.module.state_dict(),
+            "ema": self.ema.module.state_dict() if self.ema is not None else None,
+            "epoch": epochs_done,
+            "step": self.parts.step,
+            "config": self.config.to_dict(),
+            "class_names": list(task.class_names),
+            "model_name": self.config.model,
+            f"best_{task.metric}": self.best,
+            "metrics": self.last_metrics,
+            "elapsed_s": self._elapsed(),
+            **task.checkpoint_extras(),
+        }
+        if task.name != "classification":  # classification checkpoints keep their original keys
+            weights["task"] = task.name
+        return weights
+
+    def _save_last(self, epochs_done: int, progress: EpochProgress | None) -> None:
+        """Write `last.pth`; `progress` describes a partly done epoch `epochs_done` (0-based), None at an epoch end."""
+        states = self.env.gather(rng_state())
+        totals = self._over_ranks(progress) if progress is not None else None
+        if not self.env.is_main:
+            return
+        parts = self.parts
+        checkpoint = {
+            **self._weights(epochs_done),
+            "optimizer": parts.optimizer.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+            "rng": states,
+            "epoch_progress": dataclasses.asdict(totals) if totals is not None else None,
+        }
+        save_checkpoint(checkpoint, self.run.last)
+
+    def _over_ranks(self, progress: EpochProgress) -> EpochProgress:
+        """The epoch's tally with loss and sample counts summed over all ranks."""
+        sums = self.env.all_reduce_(torch.tensor([progress.loss_sum, progress.samples], dtype=torch.float64))
+        return dataclasses.replace(progress, loss_sum=sums[0].item(), samples=int(sums[1].item()))
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def _report_unreadable(self, dataset: Any) -> None:
+        self.env.all_reduce_(dataset.status, dist.ReduceOp.MAX)
+        if not self.env.is_main:
+            return
+        found = dataset.new_unreadable()
+        if found:
+            warn(f"skipped {len(found)} unreadable files in {dataset.root}: {listed(found)}")
+
+    def _describe(self) -> str:
+        config, env, task = self.config, self.env, self.task
+        params = sum(p.numel() for p in self.module.parameters())
+        global_batch = config.global_batch(env.world_size)
+        head, step = task.describe(self.parts)
+        length = f"{config.iters} steps" if config.iters else f"{self.epochs} epochs"
+        return (
+            f"run {self.run.path}: {config.model} ({params / 1e6:.2f}M params), {head}\n"
+            f"global batch {global_batch} = {config.batch_size} per process × {env.world_size} process(es) × "
+            f"{config.accum_steps} accumulation step(s); lr {config.lr:g} {self.lr_rule}\n"
+            f"{self.updates_per_epoch} steps per epoch, {length}, device {env.device}, "
+            f"amp {self.amp_dtype or 'none'}\n"
+            f"step: {step}"
+        )
+
+
+def fused_step_name(optimizer: torch.optim.Optimizer, config: RunConfig) -> str:
+    """`fused adamw` or `plain sgd`: how the optimizer step runs, for the run's description."""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    return f"{'fused' if fused else 'plain'} {config.opt}"
+
+
+def _default_output(config: RunConfig, default_data: str) -> str:
+    data = Path(config.data).expanduser().resolve().name if config.data else default_data
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return str(Path("runs") / f"{config.model.removeprefix('mambaout_')}-{data}-{stamp}")
+
+
+def listed(items: list[tuple[str, str]]) -> str:
+    """`a (why); b (why); and M more` for a warning: the first `_SHOW_UNREADABLE` (path, reason) pairs by name."""
+    shown = "; ".join(f"{path} ({reason})" for path, reason in items[:_SHOW_UNREADABLE])
+    more = f"; and {len(items) - _SHOW_UNREADABLE} more" if len(items) > _SHOW_UNREADABLE else ""
+    return shown + more
+
+
+def warn(message: str) -> None:
+    """A `warning:` line on stderr (rank 0's reports about the data and settings)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _create_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """timm's optimizer for the config, with PyTorch's fused step when asked for and this optimizer and device have it.
+
+    The fused step computes the same update in one kernel per parameter group (AdamW on the CPU: ~3× faster).
+    """
+    kwargs = optimizer_kwargs(config)
+    if config.fused_optimizer:
+        try:
+            return create_optimizer_v2(model, **kwargs, fused=True)
+        except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or no fused kernel for this device
+            pass
+    return create_optimizer_v2(model, **kwargs)

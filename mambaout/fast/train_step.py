@@ -1,8 +1,8 @@
 """A faster training step that computes the same update: forward, backward and optimizer step on one batch.
 
-`make_train_step` returns a standalone step function (the benchmark's); `mambaout train` builds the same levers
-into its engine (`--micro-batch`, `--split-linears`, `--fused-optimizer`). They change how the step runs, never
-what it computes:
+`make_train_step` returns a standalone step function (the benchmark's); the training engine runs the same
+`forward_backward` with DDP, accumulation and a GradScaler around it (`--micro-batch`, `--split-linears`,
+`--fused-optimizer`), so the step lives in one place. The levers change how the step runs, never what it computes:
 
 - Cache-aware accumulation (CPU): the batch runs as micro-batches of `micro_batch` images whose activations stay
   in cache, each loss scaled by its share of the batch, so the accumulated gradient is the whole batch's mean-loss
@@ -33,6 +33,7 @@ __all__ = [
     "TrainStepConfig",
     "auto_train_micro_batch",
     "autocast",
+    "forward_backward",
     "fused_adamw",
     "make_train_step",
     "split_linear_blocks",
@@ -130,6 +131,44 @@ def fused_adamw(params: Iterable, lr: float, weight_decay: float, **kwargs) -> t
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **kwargs)
 
 
+def forward_backward(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    images: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    amp_dtype: torch.dtype | None = None,
+    weight: float = 1.0,
+    piece_context: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
+    backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+) -> torch.Tensor:
+    """Forward and backward of one batch in pieces of `chunk` images: the one micro-batched step of this package
+    (`make_train_step` and the training engine both run it).
+
+    Each piece's mean loss is weighted by its share of the batch (and by `weight`, e.g. 1 / accumulation steps), so
+    the summed gradient is the batch's mean-loss gradient whatever the piece size (MambaOut has no batch
+    statistics).
+
+    Args:
+        piece_context: Entered around each piece's forward and backward, given whether it is the batch's last piece
+            (DistributedDataParallel's `no_sync` on all but that one).
+        backward: Runs the weighted loss's backward (through a GradScaler, say).
+
+    Returns:
+        The batch's loss sum (mean loss × images) as a 0-d float64 tensor: no host sync until the caller reads it.
+    """
+    batch = images.shape[0]
+    pieces = list(zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True))
+    total = torch.zeros((), dtype=torch.float64, device=images.device)
+    for k, (part, part_targets) in enumerate(pieces):
+        with piece_context(k == len(pieces) - 1):
+            with autocast(images.device, amp_dtype):
+                loss = loss_fn(model(part), part_targets)
+            backward(loss * (part.shape[0] / batch * weight))
+        total += loss.detach().double() * part.shape[0]
+    return total
+
+
 def make_train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -158,19 +197,11 @@ def make_train_step(
             on_cpu = images.device.type == "cpu"
             compute = config.amp_dtype or images.dtype  # as `mambaout train` sizes them
             chunk = auto_train_micro_batch(model, images.shape[-2:], compute) if on_cpu else batch
-        total = torch.zeros((), device=images.device)
         split = config.split_linears if config.split_linears is not None else images.device.type == "cpu"
-        blocks = split_linear_blocks(model) if split else contextlib.nullcontext()
-        with blocks:
-            for part, part_targets in zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True):
-                with autocast(images.device, config.amp_dtype):
-                    loss = loss_fn(model(part), part_targets)
-                # weight by the micro-batch's share, so the summed gradient is the batch-mean gradient
-                share = part.shape[0] / batch
-                (loss * share).backward()
-                total += loss.detach().float() * share
+        with split_linear_blocks(model) if split else contextlib.nullcontext():
+            total = forward_backward(model, loss_fn, images, targets, chunk, config.amp_dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return total.item()
+        return total.item() / batch
 
     return step

@@ -27,8 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mambaout.errors import UserError
-from mambaout.fast.optimize import micro_batches
-from mambaout.fast.train_step import autocast, split_linear_blocks
+from mambaout.fast.train_step import autocast, forward_backward, split_linear_blocks
 from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
 
@@ -259,23 +258,21 @@ class ClassificationStep:
     def _forward_backward(
         self, parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, last_micro: bool
     ) -> float:
-        """Forward and backward of one loaded batch in pieces of `micro_batch`; returns the batch's loss sum.
-
-        Each piece's mean loss is weighted by its share of the batch and by 1 / `accum_steps`, so the accumulated
-        gradient is the step's mean-loss gradient whatever the piece size (MambaOut has no batch statistics).
+        """Forward and backward of one loaded batch in pieces of `micro_batch` (the library's `forward_backward`);
+        returns the batch's loss sum. Gradients are all-reduced only in the last backward pass of an optimizer step.
         """
-        model = parts.model
-        chunk = self.micro_batch or len(images)
-        pieces = list(zip(micro_batches(images, chunk), micro_batches(targets, chunk), strict=True))
-        total = torch.zeros((), dtype=torch.float64, device=images.device)  # one host sync per batch, not per piece
-        for k, (part, part_targets) in enumerate(pieces):
-            # gradients are all-reduced only in the last backward pass of an optimizer step
-            with syncing(model, last_micro and k == len(pieces) - 1):
-                with autocast(parts.env.device, parts.amp_dtype):
-                    loss = self.criterion(model(part), part_targets)
-                backward(parts, loss * (len(part) / len(images) / parts.accum_steps))
-            total += loss.detach().double() * len(part)
-        return total.item()
+        total = forward_backward(
+            parts.model,
+            self.criterion,
+            images,
+            targets,
+            self.micro_batch or len(images),
+            parts.amp_dtype,
+            weight=1 / parts.accum_steps,
+            piece_context=lambda last: syncing(parts.model, last_micro and last),
+            backward=lambda loss: backward(parts, loss),
+        )
+        return total.item()  # one host sync per batch, not per piece
 
 
 @torch.no_grad()

@@ -7,20 +7,30 @@ The result computes the reference function (held to it by `tests/test_fast.py`) 
 - channels-last images into the stem, so every convolution takes oneDNN's NHWC path;
 - each stage run in its own micro-batches (each image is independent at inference): a few images at a time in the
   first stages, so that their large activations stay in cache, many in the last, so that their GEMMs are tall.
+
+Its `backend` says what runs a call: "torch" (the above), "onnxruntime" or "openvino" (the same fused graph
+exported to ONNX and verified, `mambaout.fast.engines`), or "auto", which picks one per call from the input's
+shape (`AUTO_RULE`). `backend_for(x)` tells which one a call on `x` takes.
 """
 
 import copy
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mambaout.fast.engines import ENGINES, OnnxRuntimeEngine, OpenVINOEngine, engine_installed, onnx_file
 from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
+from mambaout.fast.threads import ThreadFitter
+from mambaout.layers import SSMMixer
 from mambaout.models import MambaOut
 
-__all__ = ["FastMambaOut", "auto_micro_batch", "micro_batches", "optimize_for_inference"]
+__all__ = ["AUTO_RULE", "BACKENDS", "FastMambaOut", "auto_micro_batch", "micro_batches", "optimize_for_inference"]
+
+BACKENDS = ("auto", "torch", *ENGINES)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # Bytes of activations one stage's micro-batch may hold. A block keeps ~7 values of width C per pixel alive
@@ -29,6 +39,39 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # images at once so their small matrices grow tall enough for efficient matrix multiplies.
 MICRO_BATCH_BYTES = 32 * 2**20
 LIVE_VALUES_PER_CHANNEL = 7
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """Where `backend="auto"` sends a call (the measurements behind it: BENCHMARKS.md, issue 14).
+
+    Attributes:
+        engine: The engine auto routes to.
+        max_batch: Calls of at most this many images go to the engine ...
+        why_not_here: ... where the rule applies at all, and why it does not elsewhere (shown by `describe_backend`).
+    """
+
+    engine: str
+    max_batch: int
+    why_not_here: str
+
+    def applies(self, kernels: KernelSet) -> bool:
+        """True where MKL serves the short GEMMs (`select_kernels` found oneDNN slower on them)."""
+        return not kernels.onednn or kernels.min_rows > 0
+
+    def routes(self, shape: Sequence[int]) -> bool:
+        """True when a call on images of `shape` `[B, 3, H, W]` goes to the engine."""
+        return shape[0] <= self.max_batch
+
+    def describe(self) -> str:
+        return f"for batches of at most {self.max_batch} images"
+
+
+AUTO_RULE = AutoRule(
+    engine="onnxruntime",
+    max_batch=8,
+    why_not_here="oneDNN serves every GEMM on this CPU, and there PyTorch is as fast as the engines",
+)
 
 
 def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.dtype) -> list[int]:
@@ -73,7 +116,8 @@ class FastMambaOut(nn.Module):
     """The inference-only twin of a `MambaOut`: same call signature and outputs, fused and micro-batched.
 
     Inputs are NCHW images of any floating dtype; they are cast to the compute dtype and the outputs are cast back
-    to the input's dtype. Build it with `optimize_for_inference`.
+    to the input's dtype. Build it with `optimize_for_inference`. Only `forward` (logits) runs on an engine; features,
+    the head and intermediates always run in PyTorch.
 
     Args:
         model: A fused copy of the reference model (blocks already replaced), in the compute dtype, eval mode.
@@ -82,9 +126,19 @@ class FastMambaOut(nn.Module):
             image size (`auto_micro_batch`) on CPU and to run whole batches elsewhere.
         compile: Run `forward` through `torch.compile` with weight freezing (in micro-batches of the first stage's
             size: the compiled graph is the whole network).
+        backend: One of `BACKENDS` (see the module's docstring).
+        engine: The engine that "onnxruntime"/"openvino", or "auto" on the shapes it routes, run calls on.
     """
 
-    def __init__(self, model: MambaOut, dtype: torch.dtype, micro_batch: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model: MambaOut,
+        dtype: torch.dtype,
+        micro_batch: int | None = None,
+        compile: bool = False,
+        backend: str = "torch",
+        engine: OnnxRuntimeEngine | OpenVINOEngine | None = None,
+    ):
         super().__init__()
         self.model = model
         # compiled with weight freezing: inductor folds and pre-packs the weights and fuses the elementwise work;
@@ -93,6 +147,26 @@ class FastMambaOut(nn.Module):
         object.__setattr__(self, "_run", compiled)
         self.dtype = dtype
         self.micro_batch = micro_batch
+        self.backend = backend
+        self.engine = engine
+        # CPU calls run one thread per core that other processes leave free (`mambaout.fast.threads`)
+        self.threads = ThreadFitter()
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        """What a `forward` on images `x` runs on: "torch" or the engine's name ("onnxruntime", "openvino")."""
+        if self.engine is None or x.device.type != "cpu":
+            return "torch"
+        if self.backend == "auto" and not AUTO_RULE.routes(x.shape):
+            return "torch"
+        return self.engine.name
+
+    def describe_backend(self) -> str:
+        """The backend in words, for a command's output: what was asked and what runs."""
+        if self.backend != "auto":
+            return self.backend
+        if self.engine is None:
+            return f"auto: torch ({AUTO_RULE.why_not_here})"
+        return f"auto: {self.engine.name} {AUTO_RULE.describe()}, torch otherwise"
 
     # the reference model's description, read through (not copied) from the fused model
     @property
@@ -139,7 +213,16 @@ class FastMambaOut(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, H, W]` images -> logits `[B, num_classes]`, each stage run in micro-batches."""
+        """`[B, 3, H, W]` images -> logits `[B, num_classes]`: on the engine `backend_for(x)` names, or in PyTorch
+        with each stage run in micro-batches."""
+        if self.backend_for(x) != "torch":
+            return self.engine(x).to(x.dtype)
+        if x.device.type != "cpu":
+            return self._forward(x)
+        with self.threads():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks(x)
         if self._run is not self.model:
             return _in_chunks(self._run, self._images(x), chunks[0]).to(x.dtype)
@@ -180,12 +263,19 @@ class FastMambaOut(nn.Module):
         return block.kernels if block is not None else KernelSet()
 
 
+def _engine(model: MambaOut, name: str, threads: int) -> OnnxRuntimeEngine | OpenVINOEngine:
+    """Engine `name` on `model`'s verified fused ONNX export (exported once per weights, `engines.onnx_file`)."""
+    path = onnx_file(model)
+    return OnnxRuntimeEngine(path, threads) if name == "onnxruntime" else OpenVINOEngine(path, threads)
+
+
 def optimize_for_inference(
     model: MambaOut,
     dtype: torch.dtype = torch.float32,
     micro_batch: int | None = None,
     compile: bool = False,
     kernels: KernelSet | None = None,
+    backend: str = "auto",
 ) -> FastMambaOut:
     """A fused inference module computing the same function as `model` (which is left untouched).
 
@@ -200,16 +290,29 @@ def optimize_for_inference(
             input shape compiles, which takes a minute or more.
         kernels: The fused blocks' kernels on CPU; default `select_kernels(device, dtype)`. `KernelSet()` forces
             the composed ops; `dataclasses.replace(select_kernels(...), min_rows=0)` uses oneDNN on every input.
+        backend: What runs `forward`: "torch"; "onnxruntime" or "openvino" (fp32 on the CPU: the model is exported
+            to ONNX, verified, and cached on first use); or "auto" (the default), which routes the shapes where
+            `AUTO_RULE` measured an engine faster to it and everything else to torch. "auto" stays on torch for
+            options only torch has (`micro_batch`, `compile`, `kernels`), off the CPU, for bf16, for models ONNX
+            cannot hold (the SSM mixer) and when the engine is not installed.
 
     Returns:
         A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and
-        `forward_intermediates` as the reference.
+        `forward_intermediates` as the reference (always in PyTorch).
+
+    Raises:
+        UserError: An engine backend asked for that is not installed or cannot hold the model.
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = next(model.parameters()).device
+    if backend in ENGINES and (device.type != "cpu" or dtype != torch.float32 or compile):
+        raise ValueError(f"backend {backend!r} runs fp32 on the CPU without compile; use backend='torch'")
+    torch_only = micro_batch is not None or compile or kernels is not None
     if compile:
         kernels = KernelSet()
     elif kernels is None:
@@ -232,4 +335,11 @@ def optimize_for_inference(
     # channels-last conv weights: oneDNN's NHWC convolution would otherwise reorder them on every call
     fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
     fast.requires_grad_(False)
-    return FastMambaOut(fast, dtype, micro_batch, compile).eval()
+    engine = None
+    if backend in ENGINES:
+        engine = _engine(model, backend, torch.get_num_threads())
+    elif backend == "auto" and not torch_only and device.type == "cpu" and dtype == torch.float32:
+        exportable = not any(isinstance(m, SSMMixer) for m in model.modules())
+        if exportable and AUTO_RULE.applies(kernels) and engine_installed(AUTO_RULE.engine):
+            engine = _engine(model, AUTO_RULE.engine, torch.get_num_threads())
+    return FastMambaOut(fast, dtype, micro_batch, compile, backend, engine).eval()

@@ -14,6 +14,7 @@ shape (`AUTO_RULE`). `backend_for(x)` tells which one a call on `x` takes.
 """
 
 import copy
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mambaout.errors import UserError
 from mambaout.fast.engines import ENGINES, OnnxRuntimeEngine, OpenVINOEngine, engine_installed, onnx_file
 from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
@@ -28,7 +30,15 @@ from mambaout.fast.threads import ThreadFitter
 from mambaout.layers import SSMMixer
 from mambaout.models import MambaOut
 
-__all__ = ["AUTO_RULE", "BACKENDS", "FastMambaOut", "auto_micro_batch", "micro_batches", "optimize_for_inference"]
+__all__ = [
+    "AUTO_RULE",
+    "BACKENDS",
+    "FastMambaOut",
+    "auto_micro_batch",
+    "inference_module",
+    "micro_batches",
+    "optimize_for_inference",
+]
 
 BACKENDS = ("auto", "torch", *ENGINES)
 
@@ -43,35 +53,33 @@ LIVE_VALUES_PER_CHANNEL = 7
 
 @dataclass(frozen=True)
 class AutoRule:
-    """Where `backend="auto"` sends a call (the measurements behind it: BENCHMARKS.md, issue 14).
+    """Where `backend="auto"` sends a call: small calls to an engine, the rest to PyTorch.
+
+    Why (BENCHMARKS.md, issue 14; `python scripts/cpu_probes.py engines`): a PyTorch forward pays a fixed cost per
+    call, the dispatch of its ~400 operators (~5 ms for femto on the dev machine's Zen 5, 1 thread), which the
+    engines' compiled graphs do not. It dominates small calls: up to 64k pixels per call (one 224² image, four of
+    128², sixteen of 64²) ONNX Runtime ran our graph 1.2-2.4× faster than PyTorch at 1 thread and 1.1-5× at 2;
+    from ~800k pixels (16 images of 224²) PyTorch, whose oneDNN GEMMs are the fastest here, was 1.1-1.3× faster.
+    ONNX Runtime rather than OpenVINO: about as fast, with no compilation per input shape (OpenVINO's 0.2-0.3 s).
 
     Attributes:
-        engine: The engine auto routes to.
-        max_batch: Calls of at most this many images go to the engine ...
-        why_not_here: ... where the rule applies at all, and why it does not elsewhere (shown by `describe_backend`).
+        engine: The engine small calls go to.
+        max_pixels: Calls of at most this many pixels (batch × height × width) go to it.
     """
 
-    engine: str
-    max_batch: int
-    why_not_here: str
-
-    def applies(self, kernels: KernelSet) -> bool:
-        """True where MKL serves the short GEMMs (`select_kernels` found oneDNN slower on them)."""
-        return not kernels.onednn or kernels.min_rows > 0
+    engine: str = "onnxruntime"
+    max_pixels: int = 65536
 
     def routes(self, shape: Sequence[int]) -> bool:
         """True when a call on images of `shape` `[B, 3, H, W]` goes to the engine."""
-        return shape[0] <= self.max_batch
+        return shape[0] * shape[-2] * shape[-1] <= self.max_pixels
 
     def describe(self) -> str:
-        return f"for batches of at most {self.max_batch} images"
+        return f"{self.engine} for calls of at most {self.max_pixels} pixels (batch x height x width), torch above"
 
 
-AUTO_RULE = AutoRule(
-    engine="onnxruntime",
-    max_batch=8,
-    why_not_here="oneDNN serves every GEMM on this CPU, and there PyTorch is as fast as the engines",
-)
+AUTO_RULE = AutoRule()
+_ENGINE_LOCK = threading.Lock()
 
 
 def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.dtype) -> list[int]:
@@ -127,7 +135,9 @@ class FastMambaOut(nn.Module):
         compile: Run `forward` through `torch.compile` with weight freezing (in micro-batches of the first stage's
             size: the compiled graph is the whole network).
         backend: One of `BACKENDS` (see the module's docstring).
-        engine: The engine that "onnxruntime"/"openvino", or "auto" on the shapes it routes, run calls on.
+        engine: The engine that "onnxruntime"/"openvino" run calls on, built already; for "auto", None (built on
+            the first call `AUTO_RULE` routes to it, from the fused model's verified export).
+        auto_engine: Whether "auto" may route to `AUTO_RULE.engine` (False where it cannot run this model).
     """
 
     def __init__(
@@ -138,6 +148,7 @@ class FastMambaOut(nn.Module):
         compile: bool = False,
         backend: str = "torch",
         engine: OnnxRuntimeEngine | OpenVINOEngine | None = None,
+        auto_engine: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -149,24 +160,33 @@ class FastMambaOut(nn.Module):
         self.micro_batch = micro_batch
         self.backend = backend
         self.engine = engine
+        self.auto_engine = auto_engine
         # CPU calls run one thread per core that other processes leave free (`mambaout.fast.threads`)
         self.threads = ThreadFitter()
 
     def backend_for(self, x: torch.Tensor) -> str:
         """What a `forward` on images `x` runs on: "torch" or the engine's name ("onnxruntime", "openvino")."""
-        if self.engine is None or x.device.type != "cpu":
+        if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return "torch"
-        if self.backend == "auto" and not AUTO_RULE.routes(x.shape):
-            return "torch"
-        return self.engine.name
+        if self.backend in ENGINES:
+            return self.backend
+        if self.backend == "auto" and self.auto_engine and AUTO_RULE.routes(x.shape):
+            return AUTO_RULE.engine
+        return "torch"
 
     def describe_backend(self) -> str:
         """The backend in words, for a command's output: what was asked and what runs."""
         if self.backend != "auto":
             return self.backend
-        if self.engine is None:
-            return f"auto: torch ({AUTO_RULE.why_not_here})"
-        return f"auto: {self.engine.name} {AUTO_RULE.describe()}, torch otherwise"
+        if not self.auto_engine:
+            return "auto: torch (no engine for this model, dtype, device or options)"
+        return f"auto: {AUTO_RULE.describe()}"
+
+    def _engine_for_auto(self) -> OnnxRuntimeEngine | OpenVINOEngine:
+        with _ENGINE_LOCK:  # one export and session, whichever thread calls first
+            if self.engine is None:
+                self.engine = _engine(self.model, AUTO_RULE.engine, torch.get_num_threads())
+        return self.engine
 
     # the reference model's description, read through (not copied) from the fused model
     @property
@@ -216,7 +236,8 @@ class FastMambaOut(nn.Module):
         """`[B, 3, H, W]` images -> logits `[B, num_classes]`: on the engine `backend_for(x)` names, or in PyTorch
         with each stage run in micro-batches."""
         if self.backend_for(x) != "torch":
-            return self.engine(x).to(x.dtype)
+            engine = self.engine if self.backend in ENGINES else self._engine_for_auto()
+            return engine(x).to(x.dtype)
         if x.device.type != "cpu":
             return self._forward(x)
         with self.threads():
@@ -264,7 +285,8 @@ class FastMambaOut(nn.Module):
 
 
 def _engine(model: MambaOut, name: str, threads: int) -> OnnxRuntimeEngine | OpenVINOEngine:
-    """Engine `name` on `model`'s verified fused ONNX export (exported once per weights, `engines.onnx_file`)."""
+    """Engine `name` on `model`'s verified fused ONNX export (exported once per weights, `engines.onnx_file`);
+    `model` may be the reference or its fused copy (the export writes the same fused graph from either)."""
     path = onnx_file(model)
     return OnnxRuntimeEngine(path, threads) if name == "onnxruntime" else OpenVINOEngine(path, threads)
 
@@ -291,10 +313,10 @@ def optimize_for_inference(
         kernels: The fused blocks' kernels on CPU; default `select_kernels(device, dtype)`. `KernelSet()` forces
             the composed ops; `dataclasses.replace(select_kernels(...), min_rows=0)` uses oneDNN on every input.
         backend: What runs `forward`: "torch"; "onnxruntime" or "openvino" (fp32 on the CPU: the model is exported
-            to ONNX, verified, and cached on first use); or "auto" (the default), which routes the shapes where
-            `AUTO_RULE` measured an engine faster to it and everything else to torch. "auto" stays on torch for
+            to ONNX, verified, and cached); or "auto" (the default), which sends small calls to ONNX Runtime and
+            the rest to torch (`AUTO_RULE`; the export happens on the first small call). "auto" stays on torch for
             options only torch has (`micro_batch`, `compile`, `kernels`), off the CPU, for bf16, for models ONNX
-            cannot hold (the SSM mixer) and when the engine is not installed.
+            cannot hold (the SSM mixer) and when onnxruntime is not installed.
 
     Returns:
         A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and
@@ -335,11 +357,42 @@ def optimize_for_inference(
     # channels-last conv weights: oneDNN's NHWC convolution would otherwise reorder them on every call
     fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
     fast.requires_grad_(False)
-    engine = None
-    if backend in ENGINES:
-        engine = _engine(model, backend, torch.get_num_threads())
-    elif backend == "auto" and not torch_only and device.type == "cpu" and dtype == torch.float32:
-        exportable = not any(isinstance(m, SSMMixer) for m in model.modules())
-        if exportable and AUTO_RULE.applies(kernels) and engine_installed(AUTO_RULE.engine):
-            engine = _engine(model, AUTO_RULE.engine, torch.get_num_threads())
-    return FastMambaOut(fast, dtype, micro_batch, compile, backend, engine).eval()
+    engine = _engine(model, backend, torch.get_num_threads()) if backend in ENGINES else None
+    auto_engine = (
+        backend == "auto"
+        and not torch_only
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and not any(isinstance(m, SSMMixer) for m in model.modules())  # ONNX has no selective scan
+        and engine_installed(AUTO_RULE.engine)
+    )
+    return FastMambaOut(fast, dtype, micro_batch, compile, backend, engine, auto_engine).eval()
+
+
+def inference_module(
+    model: MambaOut, backend: str = "auto", amp_dtype: torch.dtype | None = None
+) -> tuple[FastMambaOut, torch.dtype | None, str]:
+    """The module `mambaout predict/eval --backend` run: `model`'s `optimize_for_inference` twin on `backend`.
+
+    Args:
+        model: The reference model, on the device it will run on.
+        backend: One of `BACKENDS`.
+        amp_dtype: The `--amp` autocast dtype: bf16 becomes the twin's own dtype (weights in bf16, no autocast);
+            fp16 (GPU) stays an autocast around it.
+
+    Returns:
+        The twin, the autocast dtype still to apply around it (or None), and its backend in words.
+
+    Raises:
+        UserError: An engine asked for off the CPU or with mixed precision, not installed, or unable to hold the model.
+    """
+    device = next(model.parameters()).device
+    if backend in ENGINES and device.type != "cpu":
+        raise UserError(f"--backend {backend} runs on the CPU: add --device cpu, or use --backend torch")
+    if backend in ENGINES and amp_dtype is not None:
+        raise UserError(f"--backend {backend} runs fp32: use --amp none, or --backend torch")
+    dtype = torch.float32
+    if amp_dtype == torch.bfloat16:
+        dtype, amp_dtype = torch.bfloat16, None
+    fast = optimize_for_inference(model, dtype=dtype, backend=backend)
+    return fast, amp_dtype, fast.describe_backend()

@@ -13,6 +13,7 @@ from mambaout.cli import main
 from mambaout.errors import UserError
 from mambaout.fast import AUTO_RULE, BACKENDS, KernelSet, inference_module, optimize_for_inference
 from mambaout.fast import engines as engines_module
+from mambaout.fast import optimize as optimize_module
 from mambaout.fast import threads as threads_module
 from mambaout.fast.engines import OpenVINOEngine, onnx_file
 from mambaout.fast.threads import ThreadFitter
@@ -68,6 +69,18 @@ def test_auto_routes_small_calls_to_the_engine():
     for options in ({"micro_batch": 2}, {"kernels": KernelSet()}, {"dtype": torch.bfloat16}):
         kept = optimize_for_inference(ref, **options)
         assert not kept.auto_engine and kept.backend_for(small) == "torch" and "torch" in kept.describe_backend()
+
+
+def test_auto_falls_back_to_torch_when_the_engine_cannot_be_built(monkeypatch):
+    def no_room(*args):
+        raise UserError("cannot write model.onnx: No space left on device")
+
+    monkeypatch.setattr(optimize_module, "_engine", no_room)
+    ref, images = tiny(), torch.randn(1, 3, 64, 64)
+    fast = optimize_for_inference(ref)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="stays on torch: UserError: cannot write"):
+        assert max_diff(fast(images), ref(images)) <= ATOL
+    assert fast.backend_for(images) == "torch" and "torch" in fast.describe_backend()
 
 
 def test_auto_stays_on_torch_where_onnx_cannot_hold_the_model():

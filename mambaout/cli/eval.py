@@ -84,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
         if data is None:
             raise UserError("--data is needed: an ImageFolder tree <data>/<class>/<images>")
         model, amp_dtype, backend = inference_module(classifier.model, args.backend, amp_dtype)
-        if env.is_main:
-            print(f"backend: {backend}")
         result = evaluate_folder(
             classifier, data, env, args.batch_size, args.workers, amp_dtype, args.class_map, args.by_position, model
         )
@@ -109,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         f"{classifier.model_name} on {record['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"loss {result['loss']:.4f}  {result['images']} images  {result['images_per_sec']:.0f} images/s"
     )
+    print(f"backend: {backend}")
     if result["unreadable"]:
         print(f"skipped {len(result['unreadable'])} unreadable files: {'; '.join(result['unreadable'][:10])}")
     if result["skipped_links"]:

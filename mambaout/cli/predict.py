@@ -75,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     classifier = load_classifier(args.checkpoint, args.model, args.ema, device)
     model, amp_dtype, backend = inference_module(classifier.model, args.backend, resolve_amp(args.amp, device))
-    print(f"backend: {backend}", file=sys.stderr)
     results, unreadable = predict_files(classifier, files, args.top, args.batch_size, amp_dtype=amp_dtype, model=model)
+    print(f"backend: {backend}", file=sys.stderr)
     for what, items in (("unreadable files", unreadable), ("links", skipped_links)):
         if items:
             shown = "; ".join(f"{path} ({reason})" for path, reason in items[:10])

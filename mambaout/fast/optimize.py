@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, describe
 from mambaout.fast.engines import ENGINES, OnnxRuntimeEngine, OpenVINOEngine, engine_installed, onnx_file
 from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
@@ -182,10 +182,20 @@ class FastMambaOut(nn.Module):
             return "auto: torch (no engine for this model, dtype, device or options)"
         return f"auto: {AUTO_RULE.describe()}"
 
-    def _engine_for_auto(self) -> OnnxRuntimeEngine | OpenVINOEngine:
+    def _engine_for_auto(self) -> OnnxRuntimeEngine | OpenVINOEngine | None:
+        """The auto engine, built on first use; None (and torch from then on) when it cannot be built here."""
         with _ENGINE_LOCK:  # one export and session, whichever thread calls first
-            if self.engine is None:
-                self.engine = _engine(self.model, AUTO_RULE.engine, torch.get_num_threads())
+            if self.engine is None and self.auto_engine:
+                try:
+                    self.engine = _engine(self.model, AUTO_RULE.engine, torch.get_num_threads())
+                except (
+                    UserError,
+                    OSError,
+                    ImportError,
+                    RuntimeError,
+                ) as e:  # no room, read-only cache, a broken install
+                    self.auto_engine = False
+                    warnings.warn(f"backend auto stays on torch: {describe(e)}", RuntimeWarning, stacklevel=3)
         return self.engine
 
     # the reference model's description, read through (not copied) from the fused model
@@ -237,7 +247,8 @@ class FastMambaOut(nn.Module):
         with each stage run in micro-batches."""
         if self.backend_for(x) != "torch":
             engine = self.engine if self.backend in ENGINES else self._engine_for_auto()
-            return engine(x).to(x.dtype)
+            if engine is not None:
+                return engine(x).to(x.dtype)
         if x.device.type != "cpu":
             return self._forward(x)
         with self.threads():

@@ -249,7 +249,11 @@ def run_benchmark(settings: BenchSettings) -> str:
         )
     if (settings.onnx or settings.peers) and not engine_installed("openvino"):
         notes.append("no OpenVINO rows: openvino is not installed (pip install 'mambaout[deploy]')")
-    notes += [f"{p.name}: {p.note}" for p in paths if p.note]
+    by_note: dict[str, list[str]] = {}
+    for path in paths:
+        if path.note:
+            by_note.setdefault(path.note, []).append(f"`{path.name}`")
+    notes += [f"{', '.join(names)}: {note}" for note, names in by_note.items()]
     kind = "inference levers" if settings.levers else "inference"
     if settings.train:
         kind = "training-step levers" if settings.levers else "training step"

@@ -10,11 +10,12 @@ in them, as peers). Both are optional: ONNX Runtime comes with the `export` extr
 - OpenVINO: compiled once per input shape (static shapes run 1.2-1.4× faster than the dynamic graph on the dev
   machine), with fp32 inference forced: on CPUs with AVX-512-BF16 or AMX its default precision is bf16, which
   differs from the reference by ~1e-2. The latency hint runs one request on every thread; the throughput hint runs
-  the batch as several requests in parallel streams (one image per stream at batch 1).
+  the batch as several requests in parallel streams; by default single images take the first, batches the second.
 """
 
 import hashlib
 import importlib.util
+import threading
 from collections import OrderedDict
 from pathlib import Path
 
@@ -124,69 +125,77 @@ class OpenVINOEngine:
     Args:
         path: The ONNX file (one input, one output).
         threads: Inference threads (all streams together).
-        hint: "LATENCY" (one stream on every thread) or "THROUGHPUT" (parallel streams; the batch is split
-            across them as asynchronous requests).
+        hint: "LATENCY" (one stream on every thread), "THROUGHPUT" (parallel streams; the batch is split across
+            them as asynchronous requests), or None: the latency hint for single images, throughput for batches
+            (the faster of the two for each on the dev machine, BENCHMARKS.md).
     """
 
     name = "openvino"
 
-    def __init__(self, path: Path, threads: int, hint: str = "LATENCY"):
+    def __init__(self, path: Path, threads: int, hint: str | None = None):
         require_engine(self.name)
-        if hint not in OPENVINO_HINTS:
-            raise ValueError(f"hint must be one of {OPENVINO_HINTS}, got {hint!r}")
+        if hint is not None and hint not in OPENVINO_HINTS:
+            raise ValueError(f"hint must be one of {OPENVINO_HINTS} or None, got {hint!r}")
         import openvino as ov
 
         self._ov = ov
         self.core = ov.Core()
         self.path, self.threads, self.hint = path, threads, hint
-        self._compiled: OrderedDict[tuple[int, ...], tuple[object, int]] = OrderedDict()
-        self._requests: int | None = None
+        # (hint, input shape) -> (compiled model, requests per batch, their queue)
+        self._compiled: OrderedDict[tuple[str, tuple[int, ...]], tuple[object, int, object]] = OrderedDict()
+        self._streams: int | None = None
+        self._lock = threading.Lock()  # one call at a time through the shared queues (the demo serves threads)
 
-    def _config(self) -> dict[str, object]:
+    def _config(self, hint: str) -> dict[str, object]:
         return {
-            "PERFORMANCE_HINT": self.hint,
+            "PERFORMANCE_HINT": hint,
             "INFERENCE_PRECISION_HINT": "f32",  # bf16 by default on CPUs with AVX-512-BF16 / AMX
             "INFERENCE_NUM_THREADS": self.threads,
         }
 
-    def _streams(self, model: object) -> int:
-        """Parallel requests the throughput hint asks for on this machine (1 for the latency hint); read once."""
-        if self._requests is None:
-            self._requests = 1
-            if self.hint == "THROUGHPUT":
-                compiled = self.core.compile_model(model.clone(), "CPU", self._config())
-                self._requests = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-        return self._requests
+    def _throughput_streams(self, model: object) -> int:
+        """Parallel requests the throughput hint asks for on this machine (read once)."""
+        if self._streams is None:
+            compiled = self.core.compile_model(model.clone(), "CPU", self._config("THROUGHPUT"))
+            self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        return self._streams
 
-    def _compile(self, shape: tuple[int, ...]) -> tuple[object, int]:
-        """The compiled model for `shape`'s pieces and how many requests (pieces) a batch of `shape` becomes."""
-        if shape in self._compiled:
-            self._compiled.move_to_end(shape)
-            return self._compiled[shape]
+    def _compile(self, shape: tuple[int, ...]) -> tuple[object, int, object]:
+        """The compiled model for `shape`'s pieces, how many requests (pieces) a batch of `shape` becomes, and an
+        asynchronous queue for them (None for one request)."""
+        hint = self.hint or ("LATENCY" if shape[0] == 1 else "THROUGHPUT")
+        key = (hint, shape)
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
         model = self.core.read_model(str(self.path))
-        requests = min(self._streams(model), shape[0])
+        requests = min(self._throughput_streams(model), shape[0]) if hint == "THROUGHPUT" else 1
         model.reshape([-(-shape[0] // requests), *shape[1:]])
-        self._compiled[shape] = (self.core.compile_model(model, "CPU", self._config()), requests)
+        compiled = self.core.compile_model(model, "CPU", self._config(hint))
+        queue = self._ov.AsyncInferQueue(compiled, requests) if requests > 1 else None
+        self._compiled[key] = (compiled, requests, queue)
         if len(self._compiled) > _OPENVINO_SHAPES:
             self._compiled.popitem(last=False)
-        return self._compiled[shape]
+        return self._compiled[key]
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """fp32 NCHW array -> the first output."""
-        compiled, requests = self._compile(tuple(images.shape))
-        if requests == 1:
+        with self._lock:
+            return self._run(images)
+
+    def _run(self, images: np.ndarray) -> np.ndarray:
+        compiled, requests, queue = self._compile(tuple(images.shape))
+        if queue is None:
             return compiled(images)[0]
         piece = compiled.inputs[0].get_shape()[0]
-        starts = list(range(0, images.shape[0], piece))
-        queue = self._ov.AsyncInferQueue(compiled, len(starts))
-        outputs: list[np.ndarray | None] = [None] * len(starts)
+        outputs: list[np.ndarray | None] = [None] * requests
 
         def done(request, index: int) -> None:
             outputs[index] = request.get_output_tensor(0).data.copy()
 
         queue.set_callback(done)
-        for i, start in enumerate(starts):
-            part = images[start : start + piece]
+        for i in range(requests):
+            part = images[i * piece : (i + 1) * piece]
             if part.shape[0] < piece:  # the last piece of an uneven batch: padded to the compiled shape
                 part = np.concatenate([part, np.zeros((piece - part.shape[0], *part.shape[1:]), part.dtype)])
             queue.start_async({0: part}, i)

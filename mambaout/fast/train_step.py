@@ -14,6 +14,8 @@ what it computes:
   backward (the `cat` that is `split`'s gradient) copies the hidden activations, and the depthwise conv reads a
   dense channels-last input. Same parameters, same function.
 - A fused optimizer where the caller builds one (`torch.optim.AdamW(..., fused=True)`; `fused_adamw` does).
+- Threads fitted to the free cores (CPU): a step runs one intra-op thread per core that other processes (the run's
+  own data-loader workers among them) leave free, so OpenMP never waits on a taken core (`mambaout.fast.threads`).
 """
 
 import contextlib
@@ -26,6 +28,7 @@ from torch import nn
 
 from mambaout.fast.fused import can_fuse
 from mambaout.fast.optimize import micro_batches
+from mambaout.fast.threads import ThreadFitter
 from mambaout.layers import GatedCNNBlock
 
 __all__ = [
@@ -149,8 +152,15 @@ def make_train_step(
         `step(images [B, 3, H, W], targets [B] or [B, classes]) -> the batch's mean loss as a float`.
     """
     config = config or TrainStepConfig()
+    threads = ThreadFitter()
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> float:
+        if images.device.type != "cpu":
+            return run(images, targets)
+        with threads():
+            return run(images, targets)
+
+    def run(images: torch.Tensor, targets: torch.Tensor) -> float:
         batch = images.shape[0]
         images = images.contiguous(memory_format=torch.channels_last)  # the stem's convs take oneDNN's NHWC path
         chunk = config.micro_batch

@@ -197,13 +197,13 @@ def train_paths(
     """One training step (forward, backward, AdamW) of timm's model (baseline) and ours, same weights and data.
 
     Each path trains its own copy, so the weights drift apart over the repeats; the work per step does not.
-    timm runs as its users run it (fp32, or bf16 autocast); ours runs `mambaout.fast.train_step` with its default
-    levers for the device, or with `levers` one row per lever added: the fused AdamW alone (whole batch, reference
-    blocks), + cache-sized micro-batches, + split linears.
+    timm runs as its users run it (fp32, or bf16 autocast) with the fused AdamW; ours runs `mambaout.fast.train_step`
+    with its default levers for the device, or with `levers` one row per lever added: the fused AdamW alone (whole
+    batch, reference blocks), + cache-sized micro-batches, + split linears.
     """
     targets = _targets(model, x)
     twin = timm_twin(model, name).train()
-    twin_opt = torch.optim.AdamW(twin.parameters(), lr=1e-4, weight_decay=0.05)
+    twin_opt = fused_adamw(twin.parameters(), lr=1e-4, weight_decay=0.05)  # the fair baseline: timm users have it too
     loss_fn = nn.CrossEntropyLoss()
 
     def timm_step() -> None:
@@ -217,7 +217,8 @@ def train_paths(
         return _our_train_step(model, x, targets, dtype, **step_options)
 
     tag = "" if dtype == torch.float32 else " bf16 autocast"
-    paths = [BenchPath(f"timm train step{tag}", timm_step, baseline=True)]
+    note = "timm.create_model, torch.optim.AdamW(fused=True)"
+    paths = [BenchPath(f"timm train step{tag}", timm_step, baseline=True, note=note)]
     if not levers:
         return [*paths, BenchPath(f"mambaout train step{tag}", ours(micro_batch=micro_batch))]
     whole = x.shape[0]

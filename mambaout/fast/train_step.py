@@ -45,9 +45,10 @@ __all__ = [
     "split_linear_blocks",
 ]
 
-# Bytes of stage-1 activations a training micro-batch may keep for the backward pass (about one L3 cache of the
-# machine class this was tuned on; more only costs memory once the matrix multiplies are large enough).
-TRAIN_MICRO_BATCH_BYTES = 96 * 2**20
+# Bytes of stage-1 activations a training micro-batch may keep for the backward pass. Femto at 224² keeps ~9.6 MB per
+# image, so this makes pieces of 16 of a batch of 32: on the Zen 5 dev machine (oneDNN GEMMs) 1.30× timm's step at
+# 48% of its memory, where pieces of 8 gave 1.17× at 25% and the whole batch 1.39× at 78% (BENCHMARKS.md, issue 14).
+TRAIN_MICRO_BATCH_BYTES = 160 * 2**20
 # Values of width C kept per stage-1 pixel by the reference block for backward (input, normed, fc1 output x2h/C,
 # activated gate, concatenated product, conv in/out, output).
 SAVED_VALUES_PER_CHANNEL = 16

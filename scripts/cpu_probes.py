@@ -9,12 +9,16 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   ln-fold     ours as built vs ours with the LayerNorm affine folded into fc1 (the earlier form)
   fc1         fc1 as three oneDNN GEMMs (ours) vs one GEMM plus the GELU pass and conv-input copy it then needs
   dwconv      the 7x7 depthwise conv: oneDNN vs 49 shifted multiply-adds compiled by inductor
+  gemm        femto's GEMM shapes through MKL (F.linear) and oneDNN (what `select_kernels` measures)
+  contention  timm and ours beside --load busy processes, in fresh processes per thread count / OpenMP wait policy
+  engines     ours in PyTorch, ONNX Runtime and OpenVINO over batch and image sizes (behind backend="auto")
 
-Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system]
+Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system] [--load N]
 """
 
 import argparse
 import copy
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -25,8 +29,11 @@ from torch.profiler import ProfilerActivity, profile
 
 import mambaout
 from mambaout.bench import BenchPath, measure
+from mambaout.bench.harness import busy_processes
 from mambaout.bench.paths import timm_twin
-from mambaout.fast import FusedGatedCNNBlock
+from mambaout.fast import FusedGatedCNNBlock, KernelSet
+from mambaout.fast.engines import OnnxRuntimeEngine, OpenVINOEngine, onnx_file
+from mambaout.fast.threads import ThreadFitter
 
 # torch.profiler operator name -> kind
 KINDS = {
@@ -49,10 +56,15 @@ def median_ms(paths: list[BenchPath], repeats: int) -> dict[str, float]:
     return {r.name: r.quantile_ms(0.5) for r in measure(paths, repeats=repeats, warmup=2, iters=1)}
 
 
+def reference() -> torch.nn.Module:
+    """femto with seeded random weights."""
+    torch.manual_seed(0)
+    return mambaout.create_model("mambaout_femto").eval()
+
+
 def models(batch_size: int) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
     """timm's femto and ours (`optimize_for_inference`) with the same random weights, and a batch of images."""
-    torch.manual_seed(0)
-    ref = mambaout.create_model("mambaout_femto").eval()
+    ref = reference()
     return timm_twin(ref, "mambaout_femto"), mambaout.optimize_for_inference(ref), torch.randn(batch_size, 3, 224, 224)
 
 
@@ -202,6 +214,82 @@ def dwconv(args: argparse.Namespace) -> None:
             print(f"| [{batch}, {ch}, {size}, {size}] | {' | '.join(cells)} |")
 
 
+def gemm(args: argparse.Namespace) -> None:
+    print(f"{torch.get_num_threads()} threads\n")
+    print("| [N, K] x [K, M] | MKL (GFLOP/s) | oneDNN (GFLOP/s) | oneDNN / MKL |\n|---|---|---|---|")
+    plain, onednn = KernelSet(), KernelSet(onednn=True, min_rows=0)
+    shapes = ((49, 288, 576), (196, 192, 384), (784, 96, 256), (3136, 48, 128), (6272, 192, 384), (21952, 48, 128))
+    with torch.inference_mode():
+        for rows, k, m in (*shapes, (2048, 2048, 2048)):
+            x, w, b = torch.randn(rows, k), torch.randn(m, k), torch.randn(m)
+            ms = median_ms(
+                [
+                    BenchPath("mkl", lambda x=x, w=w, b=b: plain.linear(x, w, b)),
+                    BenchPath("onednn", lambda x=x, w=w, b=b: onednn.linear(x, w, b)),
+                ],
+                args.repeats,
+            )
+            gflop = 2 * rows * k * m / 1e6
+            print(f"| [{rows}, {k}] x [{k}, {m}] | {gflop / ms['mkl']:.1f} | {gflop / ms['onednn']:.1f} | "
+                  f"{ms['mkl'] / ms['onednn']:.2f} |")  # fmt: skip
+
+
+# (threads, OMP_WAIT_POLICY or None for libgomp's default) per fresh process of the contention probe
+CONTENTION_VARIANTS = ((2, None), (2, "PASSIVE"), (1, None))
+
+
+def contention(args: argparse.Namespace) -> None:
+    print(f"femto, {args.load} busy process(es) beside each run; medians (best call) in img/s\n")
+    print("| threads | OMP_WAIT_POLICY | batch | timm eager | ours, fixed threads | ours, fitted | fitted / timm |")
+    print("|---|---|---|---|---|---|---|")
+    with busy_processes(args.load):
+        for threads, policy in CONTENTION_VARIANTS:
+            env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+            if policy:
+                env["OMP_WAIT_POLICY"] = policy
+            for batch in (32, 1):
+                child = [sys.executable, __file__, "_contend", "--batch-size", str(batch), "--threads", str(threads)]
+                child += ["--repeats", str(args.repeats if batch > 1 else 4 * args.repeats)]
+                row = subprocess.run(child, check=True, capture_output=True, text=True, env=env).stdout.strip()
+                print(f"| {threads} | {policy or 'default'} | {batch} | {row} |", flush=True)
+
+
+def _contend(args: argparse.Namespace) -> None:
+    baseline, fitted, x = models(args.batch_size)
+    fixed = mambaout.optimize_for_inference(reference())
+    fixed.threads = ThreadFitter(fit=False)
+    paths = [BenchPath(name, lambda m=m: m(x)) for name, m in (("timm", baseline), ("fixed", fixed), ("fit", fitted))]
+    with torch.inference_mode():
+        results = {r.name: r for r in measure(paths, repeats=args.repeats, warmup=2, iters=1)}
+    batch = args.batch_size
+    cells = [f"{r.images_per_s(batch):.1f} ({r.best_images_per_s(batch):.1f})" for r in results.values()]
+    ratio = results["fit"].images_per_s(batch) / results["timm"].images_per_s(batch)
+    print(" | ".join([*cells, f"{ratio:.2f}"]))
+
+
+def engines(args: argparse.Namespace) -> None:
+    ref = reference()
+    ours = mambaout.optimize_for_inference(ref, backend="torch")
+    path, threads = onnx_file(ref), torch.get_num_threads()
+    ort, ov = OnnxRuntimeEngine(path, threads), OpenVINOEngine(path, threads, hint="LATENCY")
+    ov_tp = OpenVINOEngine(path, threads, hint="THROUGHPUT")
+    print(f"femto, {threads} threads, our fused graph in each; best call in ms (median)\n")
+    print("| image | batch | pixels/call | PyTorch | ONNX Runtime | OpenVINO latency | OpenVINO throughput | fastest |")
+    print("|---|---|---|---|---|---|---|---|")
+    with torch.inference_mode():
+        for size in (64, 128, 224):
+            for batch in (1, 2, 4, 8, 16, 32):
+                x = torch.randn(batch, 3, size, size)
+                a = x.numpy()
+                runs = [("PyTorch", lambda x=x: ours(x)), ("ONNX Runtime", lambda a=a: ort.run(a))]
+                runs += [("OpenVINO latency", lambda a=a: ov.run(a)), ("OpenVINO throughput", lambda a=a: ov_tp.run(a))]
+                repeats = max(args.repeats, min(30, 3_000_000 // (batch * size * size)))
+                results = measure([BenchPath(n, f) for n, f in runs], repeats=repeats, warmup=2, iters=1)
+                cells = [f"{1e3 * min(r.latencies_s):.2f} ({r.quantile_ms(0.5):.2f})" for r in results]
+                fastest = min(results, key=lambda r: min(r.latencies_s)).name
+                print(f"| {size} | {batch} | {batch * size * size} | {' | '.join(cells)} | {fastest} |", flush=True)
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
@@ -210,19 +298,26 @@ PROBES = {
     "ln-fold": ln_fold,
     "fc1": fc1,
     "dwconv": dwconv,
+    "gemm": gemm,
+    "contention": contention,
+    "_contend": _contend,
+    "engines": engines,
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("probe", choices=[p for p in PROBES if not p.startswith("_")] + ["_pair"])
+    parser.add_argument("probe", choices=list(PROBES))
     parser.add_argument("--batch-size", type=int, default=32, help="images per call (32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per path (5)")
     parser.add_argument("--pairs", type=int, default=3, help="allocator: process pairs (3)")
     parser.add_argument("--malloc", choices=mambaout.fast.allocator.MALLOC_MODES, default="tuned")
+    parser.add_argument("--load", type=int, default=1, help="contention: busy processes beside the runs (1)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = parser.parse_args()
     if args.malloc == "tuned":
         mambaout.tune_cpu_allocator()
+    torch.set_num_threads(args.threads)
     PROBES[args.probe](args)
 
 

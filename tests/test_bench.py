@@ -1,5 +1,6 @@
 """The benchmark harness on tiny settings: interleaving, quantiles, memory, the table and the CLI (not timed tests)."""
 
+import os
 import re
 import time
 
@@ -7,12 +8,11 @@ import pytest
 import torch
 
 from mambaout.bench import BenchPath, BenchSettings, PathResult, markdown_table, measure, peak_memory_mib, run_benchmark
-from mambaout.bench.harness import machine_summary
+from mambaout.bench.harness import COLUMNS, busy_processes, machine_summary
+from mambaout.bench.paths import peer_paths, timm_twin
 from mambaout.cli import main
 from mambaout.errors import UserError
-
-COLUMNS = "| path | params (M) | GMACs/img | img/s | p50 (ms) | p90 (ms) | peak mem (MiB) | × baseline |"
-
+from mambaout.models import create_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,8 +53,38 @@ def test_markdown_table_has_context_columns_and_ratios():
     assert COLUMNS in text and "- command: `mambaout bench`" in text and "load average" in text
     assert "; CPU memory: " in text  # the allocator moves CPU figures by up to 1.5x (mambaout.fast.allocator)
     rows = [line for line in text.splitlines() if line.startswith("| base") or line.startswith("| fast")]
-    assert rows[0].endswith("| 1.00 |") and rows[1].endswith("| 2.00 |")
-    assert "| 7.30 | 1.148 | 40.00 |" in rows[1] and "| 12.5 |" in rows[1] and "- a note" in text
+    assert rows[0].endswith("| 1.00 | 1.00 |") and rows[1].endswith("| 2.00 | 2.00 |")
+    assert "| 7.30 | 1.148 | 40.00 | 100.0 | 100.0 | 100.0 | 12.5 |" in rows[1] and "- a note" in text
+
+
+def test_best_call_and_peer_summary():
+    results = [
+        PathResult("timm", [0.4, 0.2], baseline=True, peer=True),
+        PathResult("engine", [0.1, 0.3], peer=True),  # the fastest peer by best call, not by median
+        PathResult("ours", [0.1, 0.1], ours_default=True),
+    ]
+    machine = machine_summary()
+    text = markdown_table("t", "c", results, 2, 1, 10**9, machine, "0", peak_gflops=100.0, flops_per_mac=2.0)
+    rows = table_rows(text)
+    assert rows["ours"][-2:] == [3.0, 2.0]  # × timm by median (0.3 s vs 0.1 s) and by best call (0.2 vs 0.1)
+    assert rows["ours"][-3] == 40  # 20 img/s x 2 GFLOP per image = 40 GFLOP/s of a 100 GFLOP/s peak
+    assert "ours / best peer: 2.00× by median** (best peer `engine`)" in text
+    assert "**1.00× by best call** (best peer `engine`)" in text
+
+
+def test_busy_processes_run_and_are_gone_after():
+    with busy_processes(2):
+        children = [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == os.getpid()]
+        assert len(children) == 2
+    assert not [p for p in os.listdir("/proc") if p.isdigit() and _parent(p) == os.getpid()]
+
+
+def _parent(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def table_rows(text: str) -> dict[str, list[float]]:
@@ -62,7 +92,7 @@ def table_rows(text: str) -> dict[str, list[float]]:
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 8 and re.fullmatch(r"[\d.]+", cells[1]):
+        if len(cells) == 11 and re.fullmatch(r"[\d.]+", cells[1]):
             rows[cells[0]] = [float(c) for c in cells[1:] if c != "-"]
     return rows
 
@@ -70,7 +100,17 @@ def table_rows(text: str) -> dict[str, list[float]]:
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({"onnx": True}, ["timm eager", "mambaout fast", "onnxruntime", "onnxruntime, reference graph"]),
+        (
+            {"onnx": True},
+            [
+                "timm eager",
+                "mambaout fast",
+                "onnxruntime, our export",
+                "openvino latency, our export",
+                "openvino throughput, our export",
+                "onnxruntime, our reference graph",
+            ],
+        ),
         ({"train": True}, ["timm train step", "mambaout train step"]),
         (
             {"train": True, "levers": True},
@@ -84,7 +124,7 @@ def test_run_benchmark_tiny(kwargs, expected):
     assert COLUMNS in text and settings.command() in text
     rows = table_rows(text)
     assert list(rows) == expected
-    assert all(v > 0 for name, values in rows.items() for v in values[:5])  # params, MACs, img/s, p50, p90
+    assert all(v > 0 for name, values in rows.items() for v in values[:6])  # params, MACs, img/s, p50, p90, best
     assert rows[expected[0]][-1] == 1.0
 
 
@@ -106,10 +146,12 @@ def test_token_mixer_rows_have_their_own_params_and_macs(train):
         (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
         (["--model", "mambaout_femtoo"], "did you mean 'mambaout_femto'"),
         (["--onnx", "--dtype", "bf16"], "--onnx times fp32 inference"),
+        (["--peers", "--train"], "--peers times fp32 inference"),
+        (["--load", "-1"], "--load: must be within"),
         (["--levers", "--dtype", "bf16"], "--levers times fp32 inference levers"),
         (["--device", "tpu"], "unknown device"),
         (["--token-mixer", "conv,mamba"], "--token-mixer mamba: choose from conv"),
-        (["--token-mixer", "all", "--onnx"], "drop --onnx, --levers and --compile"),
+        (["--token-mixer", "all", "--onnx"], "drop --onnx, --peers, --levers and --compile"),
     ],
 )
 def test_cli_bad_flags_are_one_line_errors(argv, message, capsys):
@@ -139,3 +181,16 @@ def test_cli_writes_the_table(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert out.read_text() in printed
     assert COLUMNS in out.read_text()
+
+
+def test_peer_rows_run_timms_own_export_of_the_same_weights(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("mambaout_femto").eval()
+    x = torch.randn(2, 3, 64, 64)
+    rows = peer_paths(model, "mambaout_femto", x, threads=1, folder=tmp_path)
+    names = ["onnxruntime, timm's export", "openvino latency, timm's export", "openvino throughput, timm's export"]
+    assert [r.name for r in rows] == names and all(r.peer and not r.baseline for r in rows)
+    with torch.inference_mode():
+        want = timm_twin(model, "mambaout_femto")(x)
+    for row in rows:
+        assert (torch.from_numpy(row.run()) - want).abs().max().item() <= 1e-4

@@ -25,7 +25,7 @@ from mambaout.fast import (
     optimize_for_inference,
     select_kernels,
 )
-from mambaout.fast.kernels import ONEDNN_MIN_ROWS
+from mambaout.fast.kernels import ONEDNN_MIN_ROWS, onednn_min_rows
 from mambaout.layers import TOKEN_MIXERS, DepthwiseConvMixer, GatedCNNBlock
 from mambaout.models import MambaOut
 
@@ -101,7 +101,7 @@ def test_fallback_kernels_give_the_same_results(built, monkeypatch):
     images = torch.randn(2, 3, 64, 64)
     monkeypatch.setenv(REFERENCE_ENV, "1")
     assert not select_kernels("cpu", torch.float32).onednn
-    plain = optimize_for_inference(built.ref)
+    plain = optimize_for_inference(built.ref, backend="torch")
     assert not plain.kernels.onednn
     with torch.inference_mode():
         assert max_diff(plain(images), built.fast(images)) <= 1e-5
@@ -110,13 +110,18 @@ def test_fallback_kernels_give_the_same_results(built, monkeypatch):
 
 @pytest.mark.parametrize("built", ALL[:1], indirect=True)
 def test_onednn_kernels_serve_tall_inputs_and_composed_ops_short_ones(built):
-    default = optimize_for_inference(built.ref)
+    default = optimize_for_inference(built.ref, backend="torch")
     if not default.kernels.onednn:
         pytest.skip("no oneDNN kernels on this machine")  # the composed ops are what every other test then checks
-    assert default.kernels._onednn_for(torch.empty(ONEDNN_MIN_ROWS, 8))
-    assert not default.kernels._onednn_for(torch.empty(ONEDNN_MIN_ROWS - 1, 8))
+    # oneDNN serves short inputs too where it measured faster on them than MKL (AVX-512 on AMD), else tall ones only
+    assert default.kernels.min_rows in (0, ONEDNN_MIN_ROWS)
+    assert default.kernels.min_rows == onednn_min_rows(torch.float32)
+    tall = dataclasses.replace(default.kernels, min_rows=ONEDNN_MIN_ROWS)
+    assert tall._onednn_for(torch.empty(ONEDNN_MIN_ROWS, 8))
+    assert not tall._onednn_for(torch.empty(ONEDNN_MIN_ROWS - 1, 8))
     images = torch.randn(1, 3, 384, 352)  # stage 1 has 96 x 88 = 8448 pixels: oneDNN there, composed ops later
     with torch.inference_mode():
+        assert max_diff(optimize_for_inference(built.ref, kernels=tall)(images), built.ref(images)) <= ATOL
         assert max_diff(default(images), built.ref(images)) <= ATOL
 
 
@@ -176,7 +181,7 @@ def test_every_block_is_fused_and_other_mixers_are_kept():
     fast = optimize_for_inference(ref)
     assert sum(isinstance(m, FusedGatedCNNBlock) for m in fast.modules()) == 2
     other = randomize_(MambaOut(depths=(1, 1), dims=(16, 32), num_classes=10, token_mixer=ScaledConv)).eval()
-    fast_other = optimize_for_inference(other)
+    fast_other = optimize_for_inference(other, backend="torch")
     assert not any(isinstance(m, FusedGatedCNNBlock) for m in fast_other.modules())
     images = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
@@ -252,7 +257,7 @@ def test_bf16_agrees_with_fp32_on_photos():
     # CPUs without bf16 matrix units are warned that bf16 is slow there; the results must agree all the same
     slow = not select_kernels("cpu", torch.bfloat16).onednn
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="bf16") if slow else contextlib.nullcontext():
-        fp32 = optimize_for_inference(ref)(views)
+        fp32 = optimize_for_inference(ref, backend="torch")(views)
         bf16 = optimize_for_inference(ref, dtype=torch.bfloat16)(views)
         assert max_diff(fp32, ref(views)) <= ATOL
     assert bf16.dtype == torch.float32  # outputs come back in the input's dtype

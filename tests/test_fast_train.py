@@ -4,11 +4,14 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import randomize_
 from torch import nn
 
 import mambaout
+from mambaout.fast.kernels import cpu_has_kernels
 from mambaout.fast.train_step import (
+    OneDNNLinear,
     SplitLinearGatedCNNBlock,
     TrainStepConfig,
     auto_train_micro_batch,
@@ -119,3 +122,18 @@ def test_split_linear_blocks_switch_back_on_errors():
     with pytest.raises(RuntimeError), split_linear_blocks(model):
         model(torch.randn(1, 5, 64, 64))  # wrong channel count
     assert all(type(b) is GatedCNNBlock for s in model.stages for b in s.blocks)
+
+
+def test_onednn_linear_matches_f_linear_with_gradients():
+    if not cpu_has_kernels(torch.float32):
+        pytest.skip("no oneDNN linear kernels in this PyTorch build")  # then the step uses F.linear throughout
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, 24, requires_grad=True)
+    full = torch.randn(40, 48, requires_grad=True)
+    bias = torch.randn(40, requires_grad=True)
+    twins = [t.detach().clone().requires_grad_() for t in (x, full, bias)]
+    weight = full[:, 8:32]  # a column slice, as fc2's halves: not contiguous
+    OneDNNLinear.apply(x, weight.contiguous(), bias).square().sum().backward()
+    F.linear(twins[0], twins[1][:, 8:32], twins[2]).square().sum().backward()
+    for got, want in zip((x, full, bias), twins, strict=True):
+        assert torch.allclose(got.grad, want.grad, rtol=1e-4, atol=1e-4)

@@ -1,19 +1,23 @@
 """Timing, memory and reporting machinery of the benchmark: interleaved repeats, medians, ratios, a Markdown table.
 
 Every path runs in the same process on the same input, in turn within each repeat (the order rotates from one
-repeat to the next), so that load from other processes falls on all of them alike; the table reports medians and
-ratios to the baseline, and the machine, date and load average at the time.
+repeat to the next), so that load from other processes falls on all of them alike; the table reports medians, the
+fastest call, each path's share of the machine's matmul peak and ratios to the baseline, and the machine, date and
+load average at the time. `busy_processes` adds a known load beside a measurement (`mambaout bench --load N`).
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +27,7 @@ from mambaout.fast.allocator import cpu_allocator
 __all__ = [
     "BenchPath",
     "PathResult",
+    "busy_processes",
     "load_average",
     "machine_summary",
     "markdown_table",
@@ -43,6 +48,9 @@ class BenchPath:
         note: What this path is, for the table's notes.
         params: Parameters of this path's model, when the paths run different models (else the table's).
         macs: Multiply-accumulates per image of this path's model, likewise.
+        peer: One of the engines a user would pick instead of ours (timm, or timm's export in ONNX Runtime or
+            OpenVINO); the table names the fastest peer and our default path's ratio to it.
+        ours_default: Our default path (`optimize_for_inference` as called without options).
     """
 
     name: str
@@ -51,6 +59,8 @@ class BenchPath:
     note: str = ""
     params: int | None = None
     macs: int | None = None
+    peer: bool = False
+    ours_default: bool = False
 
 
 @dataclass
@@ -64,6 +74,8 @@ class PathResult:
         baseline: Whether this is the baseline row.
         params: The path's own parameter count, or None for the table's.
         macs: The path's own MACs per image, or None for the table's.
+        peer: A peer engine (see `BenchPath`).
+        ours_default: Our default path.
     """
 
     name: str
@@ -72,6 +84,8 @@ class PathResult:
     baseline: bool = False
     params: int | None = None
     macs: int | None = None
+    peer: bool = False
+    ours_default: bool = False
 
     def quantile_ms(self, q: float) -> float:
         """Latency quantile `q` in [0, 1] in milliseconds (linear interpolation between calls)."""
@@ -83,6 +97,10 @@ class PathResult:
     def images_per_s(self, batch_size: int) -> float:
         """Throughput from the median call latency."""
         return batch_size / statistics.median(self.latencies_s)
+
+    def best_images_per_s(self, batch_size: int) -> float:
+        """Throughput from the fastest call: what the path does when the machine leaves it alone."""
+        return batch_size / min(self.latencies_s)
 
 
 def synchronize(device: str) -> None:
@@ -111,7 +129,12 @@ def measure(
     Returns:
         One `PathResult` per path, in the order given (memory not yet measured).
     """
-    results = {p.name: PathResult(p.name, baseline=p.baseline, params=p.params, macs=p.macs) for p in paths}
+    results = {
+        p.name: PathResult(
+            p.name, baseline=p.baseline, params=p.params, macs=p.macs, peer=p.peer, ours_default=p.ours_default
+        )
+        for p in paths
+    }
     for p in paths:
         for _ in range(warmup):
             p.run()
@@ -126,6 +149,30 @@ def measure(
                 synchronize(device)
                 results[p.name].latencies_s.append(time.perf_counter() - start)
     return [results[p.name] for p in paths]
+
+
+# one busy core: pure Python arithmetic with next to no memory traffic, so what it takes from a measurement is CPU time
+_BUSY_LOOP = "x = 0\nwhile True:\n    x = (x + 1) % 1000003\n"
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """Within the block, `count` other processes each keep one core busy (the load of `mambaout bench --load`).
+
+    They stand for what shares a real machine: a training run's own data-loader workers, other jobs. They are
+    started before the block and killed after it, whatever happens inside.
+    """
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def _rss_bytes() -> int | None:
@@ -208,6 +255,28 @@ def _fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+COLUMNS = (
+    "| path | params (M) | GMACs/img | img/s | p50 (ms) | p90 (ms) | best (ms) | peak mem (MiB) | % of matmul peak "
+    "| × baseline | × baseline, best call |"
+)
+
+
+def peer_summary(results: Sequence[PathResult], batch_size: int) -> str | None:
+    """One line: the fastest peer engine (by median and by best call) and our default path's ratio to it."""
+    peers = [r for r in results if r.peer]
+    ours = next((r for r in results if r.ours_default), None)
+    if not peers or ours is None:
+        return None
+    by_median = max(peers, key=lambda r: r.images_per_s(batch_size))
+    by_best = max(peers, key=lambda r: r.best_images_per_s(batch_size))
+    median = ours.images_per_s(batch_size) / by_median.images_per_s(batch_size)
+    best = ours.best_images_per_s(batch_size) / by_best.best_images_per_s(batch_size)
+    return (
+        f"**{ours.name} / best peer: {median:.2f}× by median** (best peer `{by_median.name}`), "
+        f"**{best:.2f}× by best call** (best peer `{by_best.name}`)"
+    )
+
+
 def markdown_table(
     title: str,
     command: str,
@@ -218,6 +287,8 @@ def markdown_table(
     machine: dict[str, str],
     load_after: str,
     notes: Sequence[str] = (),
+    peak_gflops: float | None = None,
+    flops_per_mac: float = 2.0,
 ) -> str:
     """The benchmark's Markdown section: a heading, how and where it ran, the table, and notes.
 
@@ -231,9 +302,11 @@ def markdown_table(
         machine: `machine_summary()` taken before the run (its load is the load before).
         load_after: Load average after the run.
         notes: Extra lines under the table.
+        peak_gflops: The machine's matmul peak, for each path's share of it (median throughput); None: no column.
+        flops_per_mac: FLOPs counted per MAC per image (2 for a forward, 6 for a training step).
     """
     base = next((r for r in results if r.baseline), results[0])
-    base_ips = base.images_per_s(batch_size)
+    base_ips, base_best = base.images_per_s(batch_size), base.best_images_per_s(batch_size)
     lines = [
         f"### {title}",
         "",
@@ -241,17 +314,21 @@ def markdown_table(
         f"- machine: {machine['cpu']}{'; ' + machine['gpu'] if 'gpu' in machine else ''}; torch {machine['torch']}, "
         f"{machine['threads']} thread{'' if machine['threads'] == '1' else 's'}; CPU memory: {machine['allocator']}",
         f"- date: {machine['date']}; load average (1/5/15 min) before {machine['load']}, after {load_after}",
-        f"- {len(results[0].latencies_s)} timed calls per path, interleaved; medians; ratio = img/s over `{base.name}`",
+        f"- {len(results[0].latencies_s)} timed calls per path, interleaved; medians and the fastest call; "
+        f"ratio = img/s over `{base.name}`",
         "",
-        "| path | params (M) | GMACs/img | img/s | p50 (ms) | p90 (ms) | peak mem (MiB) | × baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        COLUMNS,
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ips = r.images_per_s(batch_size)
+        share = None if not peak_gflops else 100 * ips * flops_per_mac * (r.macs or macs) / 1e9 / peak_gflops
         lines.append(
             f"| {r.name} | {(r.params or params) / 1e6:.2f} | {(r.macs or macs) / 1e9:.3f} | {ips:.2f} | "
-            f"{r.quantile_ms(0.5):.1f} | "
-            f"{r.quantile_ms(0.9):.1f} | {_fmt(r.peak_mib)} | {ips / base_ips:.2f} |"
+            f"{r.quantile_ms(0.5):.1f} | {r.quantile_ms(0.9):.1f} | {1e3 * min(r.latencies_s):.1f} | "
+            f"{_fmt(r.peak_mib)} | {_fmt(share, 0)} | {ips / base_ips:.2f} | "
+            f"{r.best_images_per_s(batch_size) / base_best:.2f} |"
         )
-    lines += [""] + [f"- {n}" for n in notes if n]
+    summary = peer_summary(results, batch_size)
+    lines += [""] + [f"- {n}" for n in (summary, *notes) if n]
     return "\n".join(lines).rstrip() + "\n"

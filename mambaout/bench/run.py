@@ -1,13 +1,16 @@
 """`run_benchmark`: build the paths a `BenchSettings` asks for, measure them interleaved, return the Markdown."""
 
+import contextlib
 import shlex
-import shutil
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mambaout.bench.harness import (
+    busy_processes,
     load_average,
     machine_summary,
     markdown_table,
@@ -15,9 +18,11 @@ from mambaout.bench.harness import (
     peak_memory_mib,
     synchronize,
 )
-from mambaout.bench.paths import inference_paths, lever_paths, mixer_paths, onnx_paths, train_paths
+from mambaout.bench.paths import engine_paths, inference_paths, lever_paths, mixer_paths, peer_paths, train_paths
 from mambaout.errors import UserError
 from mambaout.fast.allocator import MALLOC_MODES, tune_cpu_allocator
+from mambaout.fast.engines import engine_installed
+from mambaout.fast.kernels import KernelSet, cpu_has_kernels
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import create_model, get_spec, model_complexity
 from mambaout.train.distributed import check_device
@@ -38,7 +43,10 @@ class BenchSettings:
         dtype: "fp32" or "bf16".
         compile: Add `torch.compile`d timm and ours.
         train: Time a training step (forward, backward, AdamW) instead of inference.
-        onnx: Add ONNX Runtime on our exported model (fp32 inference only).
+        onnx: Add our exported model in ONNX Runtime (fused and reference graphs) and OpenVINO (latency and
+            throughput hints, where installed); fp32 inference only.
+        peers: Add the engines a user would pick instead of ours: timm compiled, and timm's own ONNX export in
+            ONNX Runtime and OpenVINO (both hints); fp32 inference only. The table names the fastest peer.
         levers: Time our levers one at a time (an ablation) instead of the usual paths: fp32 inference, or the
             training step's with `train`.
         repeats: Interleaved rounds; each path runs `iters` timed calls per round.
@@ -52,6 +60,7 @@ class BenchSettings:
         seed: Seed of the random weights and images.
         token_mixers: Instead of timm against ours: our model built with each of these token mixers
             (`mambaout.layers.TOKEN_MIXERS`), inference or (with `train`) the training step, the first the baseline.
+        load: Other processes kept busy (one core each) beside the whole measurement.
     """
 
     model: str = "mambaout_femto"
@@ -61,6 +70,7 @@ class BenchSettings:
     compile: bool = False
     train: bool = False
     onnx: bool = False
+    peers: bool = False
     levers: bool = False
     repeats: int = 5
     iters: int = 1
@@ -71,6 +81,7 @@ class BenchSettings:
     malloc: str = MALLOC_MODES[0]
     seed: int = 0
     token_mixers: tuple[str, ...] = ()
+    load: int = 0
 
     def __post_init__(self) -> None:
         get_spec(self.model)
@@ -82,6 +93,7 @@ class BenchSettings:
             ("--repeats", self.repeats, 1),
             ("--iters", self.iters, 1),
             ("--warmup", self.warmup, 0),
+            ("--load", self.load, 0),
         ):
             if value < low:
                 raise UserError(f"{flag} must be at least {low}, got {value}")
@@ -96,13 +108,16 @@ class BenchSettings:
         check_device(self.device)
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA GPU is visible to PyTorch on this machine")
-        if self.onnx and (self.train or self.dtype != "fp32"):
-            raise UserError("--onnx times fp32 inference; drop --train / use --dtype fp32")
+        for flag, on in (("--onnx", self.onnx), ("--peers", self.peers)):
+            if on and (self.train or self.levers or self.dtype != "fp32" or self.device != "cpu"):
+                raise UserError(f"{flag} times fp32 inference on the CPU; drop --train / --levers, use --dtype fp32")
+            if on and not engine_installed("onnxruntime"):
+                raise UserError(f"{flag} needs onnxruntime: pip install 'mambaout[export]'")
         unknown = [m for m in self.token_mixers if m not in TOKEN_MIXERS]
         if unknown:
             raise UserError(f"--token-mixer {','.join(unknown)}: choose from {', '.join(TOKEN_MIXERS)}, or all")
-        if self.token_mixers and (self.onnx or self.levers or self.compile):
-            raise UserError("--token-mixer compares our model's mixers: drop --onnx, --levers and --compile")
+        if self.token_mixers and (self.onnx or self.peers or self.levers or self.compile):
+            raise UserError("--token-mixer compares our model's mixers: drop --onnx, --peers, --levers and --compile")
         if self.levers and not self.train and self.dtype != "fp32":
             raise UserError("--levers times fp32 inference levers (or training levers with --train); use --dtype fp32")
 
@@ -110,7 +125,7 @@ class BenchSettings:
         """The `mambaout bench` command line that reproduces these settings."""
         args = ["mambaout", "bench", "--model", self.model, "--batch-size", str(self.batch_size)]
         args += ["--img-size", str(self.img_size), "--dtype", self.dtype, "--repeats", str(self.repeats)]
-        args += [f"--{f}" for f in ("compile", "train", "onnx", "levers") if getattr(self, f)]
+        args += [f"--{f}" for f in ("compile", "train", "onnx", "peers", "levers") if getattr(self, f)]
         if self.iters != 1:
             args += ["--iters", str(self.iters)]
         if self.warmup != 1:
@@ -125,13 +140,26 @@ class BenchSettings:
             args += ["--malloc", self.malloc]
         if self.token_mixers:
             args += ["--token-mixer", ",".join(self.token_mixers)]
+        if self.load:
+            args += ["--load", str(self.load)]
         return shlex.join(args)
+
+
+def _square_multiplies(dtype: torch.dtype, device: str) -> dict[str, object]:
+    """The ways PyTorch multiplies two matrices here: `a @ b`, and on the CPU also oneDNN's inner product, which
+    runs AVX-512 kernels on AMD CPUs where MKL (behind `@`) stays at AVX2 (1.6× faster on the dev machine)."""
+    ways = {"torch.matmul": lambda a, b: a @ b}
+    if device == "cpu" and cpu_has_kernels(dtype):
+        onednn = KernelSet(onednn=True, min_rows=0)
+        ways["oneDNN"] = lambda a, b: onednn.linear(a, b, None)  # a @ b.T: the same FLOPs
+    return ways
 
 
 def matmul_peak_gflops(
     dtype: torch.dtype, device: str = "cpu", max_n: int | None = None, budget_s: float = 0.25
 ) -> float:
-    """The machine's matmul peak as PyTorch reaches it: best GFLOP/s of square n×n×n multiplies.
+    """The machine's matmul peak as PyTorch reaches it: best GFLOP/s of square n×n×n multiplies, by any of its
+    matrix-multiply kernels (MKL/cuBLAS through `a @ b`, oneDNN on the CPU).
 
     n doubles from 256 up to `max_n` (default 2048 on CPU, 8192 on a GPU, which needs larger matrices to fill)
     while one multiply takes under `budget_s` (a dtype without hardware support, such as bf16 on an AVX2-only CPU,
@@ -140,22 +168,45 @@ def matmul_peak_gflops(
     """
     if max_n is None:
         max_n = 8192 if device.startswith("cuda") else 2048
-    best, n = 0.0, 256
-    while n <= max_n:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        took = []
-        for _ in range(4 if n == 256 else 3):
-            synchronize(device)
-            start = time.perf_counter()
-            a @ b
-            synchronize(device)
-            took.append(time.perf_counter() - start)
-        best = max(best, 2 * n**3 / min(took[-2:]) / 1e9)
-        if min(took[-2:]) > budget_s:
-            break
-        n *= 2
+    best = 0.0
+    with torch.inference_mode():
+        for multiply in _square_multiplies(dtype, device).values():
+            n = 256
+            while n <= max_n:
+                a = torch.randn(n, n, device=device).to(dtype)
+                b = torch.randn(n, n, device=device).to(dtype)
+                took = []
+                for _ in range(4 if n == 256 else 3):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    multiply(a, b)
+                    synchronize(device)
+                    took.append(time.perf_counter() - start)
+                best = max(best, 2 * n**3 / min(took[-2:]) / 1e9)
+                if min(took[-2:]) > budget_s:
+                    break
+                n *= 2
     return best
+
+
+def _paths(settings: BenchSettings, model: torch.nn.Module, x: torch.Tensor, folder: Path) -> list:
+    """The paths `settings` asks for (exports, if any, go to `folder`)."""
+    dtype = DTYPES[settings.dtype]
+    if settings.token_mixers:
+        return mixer_paths(settings.model, settings.token_mixers, x, dtype, settings.micro_batch, settings.train)
+    if settings.train:
+        return train_paths(model, settings.model, x, dtype, settings.micro_batch, levers=settings.levers)
+    if settings.levers:
+        return lever_paths(model, settings.model, x, settings.micro_batch)
+    paths = inference_paths(
+        model, settings.model, x, dtype, settings.compile, settings.micro_batch, timm_compiled=settings.peers
+    )
+    threads = torch.get_num_threads()
+    if settings.peers:
+        paths += peer_paths(model, settings.model, x, threads, folder)
+    if settings.onnx:
+        paths += engine_paths(model, x, threads, folder)
+    return paths
 
 
 def run_benchmark(settings: BenchSettings) -> str:
@@ -170,41 +221,39 @@ def run_benchmark(settings: BenchSettings) -> str:
     model = create_model(settings.model).to(device).eval()
     x = torch.randn(settings.batch_size, 3, settings.img_size, settings.img_size, device=device)
     params, macs = model_complexity(settings.model, (settings.img_size, settings.img_size))
-    machine = machine_summary(settings.device)
-    exported = None
-    if settings.token_mixers:
-        paths = mixer_paths(settings.model, settings.token_mixers, x, dtype, settings.micro_batch, settings.train)
-        params, macs = paths[0].params, paths[0].macs
-    elif settings.train:
-        paths = train_paths(model, settings.model, x, dtype, settings.micro_batch, levers=settings.levers)
-    elif settings.levers:
-        paths = lever_paths(model, settings.model, x, settings.micro_batch)
-    else:
-        paths = inference_paths(model, settings.model, x, dtype, settings.compile, settings.micro_batch)
-        if settings.onnx:
-            ort_paths, exported = onnx_paths(model, x, torch.get_num_threads())
-            paths += ort_paths
-    # the peak is measured before and after the paths, and the better kept: load from other processes only lowers it
-    peak = matmul_peak_gflops(dtype, settings.device)
-    try:
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mambaout-bench-")))
+        paths = _paths(settings, model, x, folder)
+        if settings.token_mixers:
+            params, macs = paths[0].params, paths[0].macs
+        stack.enter_context(busy_processes(settings.load))
+        machine = machine_summary(settings.device)
+        # the peak is measured before and after the paths, and the better kept: other load only lowers it
+        peak = matmul_peak_gflops(dtype, settings.device)
         results = measure(paths, settings.repeats, settings.warmup, settings.iters, settings.device)
         for path, result in zip(paths, results, strict=True):
             result.peak_mib = peak_memory_mib(path.run, settings.device)
-    finally:
-        if exported is not None:
-            shutil.rmtree(exported, ignore_errors=True)
-    peak = max(peak, matmul_peak_gflops(dtype, settings.device))
+        peak = max(peak, matmul_peak_gflops(dtype, settings.device))
+        load_after = load_average()
     per_image = 3 if settings.train else 1  # a training step is ~3x the forward's FLOPs
-    notes = [f"matmul peak ({settings.dtype}, best n×n×n multiply, before and after): {peak:.1f} GFLOP/s"]
+    notes = [
+        f"matmul peak ({settings.dtype}, best n×n×n multiply by MKL or oneDNN, before and after): {peak:.1f} GFLOP/s; "
+        f"'% of matmul peak' counts {2 * per_image} FLOPs per MAC"
+    ]
+    if settings.load:
+        notes.append(f"under load: {settings.load} other process(es) kept one core busy each during the measurement")
     if settings.token_mixers:
         notes.append(
             "MACs: FlopCounterMode / 2, with the SSM's selective scan added by its analytic count B·L·D·(4N + 1) "
             "(FlopCounterMode counts no elementwise work); attention's L×L products counted in full even when causal"
         )
-    for path, r in zip(paths, results, strict=True):
-        achieved = r.images_per_s(settings.batch_size) * 2 * (path.macs or macs) * per_image / 1e9
-        what = f" ({path.note})" if path.note else ""
-        notes.append(f"{r.name}{what}: {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the matmul peak")
+    if (settings.onnx or settings.peers) and not engine_installed("openvino"):
+        notes.append("no OpenVINO rows: openvino is not installed (pip install 'mambaout[deploy]')")
+    by_note: dict[str, list[str]] = {}
+    for path in paths:
+        if path.note:
+            by_note.setdefault(path.note, []).append(f"`{path.name}`")
+    notes += [f"{', '.join(names)}: {note}" for note, names in by_note.items()]
     kind = "inference levers" if settings.levers else "inference"
     if settings.train:
         kind = "training-step levers" if settings.levers else "training step"
@@ -214,7 +263,5 @@ def run_benchmark(settings: BenchSettings) -> str:
         f"{settings.model}, {kind}, batch {settings.batch_size}, {settings.img_size}², {settings.dtype}, "
         f"{settings.device}"
     )
-    load_after = load_average()
-    return markdown_table(
-        title, settings.command(), results, settings.batch_size, params, macs, machine, load_after, notes
-    )
+    table_args = (title, settings.command(), results, settings.batch_size, params, macs, machine, load_after, notes)
+    return markdown_table(*table_args, peak_gflops=peak, flops_per_mac=2 * per_image)

@@ -4,9 +4,12 @@ Every path runs in the same process on the same input, interleaved over --repeat
 the machine falls on all of them alike. The table gives params, MACs, images/s, latency p50/p90, peak memory and
 the ratio to timm eager, with the machine, the date and the load average; BENCHMARKS.md keeps these tables.
 With --token-mixer, the rows are our model built with each token mixer instead (what the SSM or attention costs).
+--peers adds the engines a user would pick instead of ours (and names the fastest); --load N measures beside N
+busy processes.
 """
 
 import argparse
+import os
 
 from mambaout.bench import DTYPES, BenchSettings, run_benchmark
 from mambaout.cli.args import add_force, integer
@@ -33,7 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="add torch.compile'd timm and ours")
     parser.add_argument("--train", action="store_true", help="time a training step (forward, backward, AdamW)")
     parser.add_argument(
-        "--onnx", action="store_true", help="add ONNX Runtime on our exported model, fused and reference graphs (fp32)"
+        "--onnx",
+        action="store_true",
+        help="add our exported model in ONNX Runtime (fused and reference graphs) and OpenVINO (both hints; fp32)",
+    )
+    parser.add_argument(
+        "--peers",
+        action="store_true",
+        help="add timm compiled and timm's own ONNX export in ONNX Runtime and OpenVINO (fp32): the best peer is named",
     )
     parser.add_argument(
         "--levers",
@@ -60,6 +70,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of timm vs ours: our model with each of these token mixers, the first the baseline "
         "(conv_ssm, attention, causal forms; all: every one)",
     )
+    parser.add_argument(
+        "--load",
+        type=integer(0, os.cpu_count() or 1),
+        default=d.load,
+        metavar="N",
+        help="keep N other processes busy (a core each) beside the measurement (0)",
+    )
     parser.add_argument("--output", metavar="FILE", help="also write the Markdown to FILE (atomically)")
     add_force(parser, "--output", "a bench table")
 
@@ -80,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         compile=args.compile,
         train=args.train,
         onnx=args.onnx,
+        peers=args.peers,
         levers=args.levers,
         repeats=args.repeats,
         iters=args.iters,
@@ -89,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         micro_batch=args.micro_batch,
         malloc=args.malloc,
         token_mixers=_mixers(args.token_mixer),
+        load=args.load,
     )
     table = run_benchmark(settings)
     print(table)

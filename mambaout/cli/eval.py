@@ -16,6 +16,7 @@ from pathlib import Path
 
 from mambaout.cli.args import add_force, class_map, image_size, integer, number
 from mambaout.errors import UserError
+from mambaout.fast import BACKENDS, inference_module
 from mambaout.outputs import check_output
 from mambaout.train.config import AMP_MODES
 from mambaout.train.distributed import init_distributed
@@ -51,6 +52,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="what runs the model: auto (the fastest for the batch, printed), torch, onnxruntime, openvino",
+    )
     parser.add_argument("--json", metavar="PATH", help="results file (default: <checkpoint>.eval.json beside it)")
     add_force(parser, "--json", "an eval results file")
 
@@ -76,8 +83,9 @@ def run(args: argparse.Namespace) -> int:
         data = args.data or classifier.val_data
         if data is None:
             raise UserError("--data is needed: an ImageFolder tree <data>/<class>/<images>")
+        model, amp_dtype, backend = inference_module(classifier.model, args.backend, amp_dtype)
         result = evaluate_folder(
-            classifier, data, env, args.batch_size, args.workers, amp_dtype, args.class_map, args.by_position
+            classifier, data, env, args.batch_size, args.workers, amp_dtype, args.class_map, args.by_position, model
         )
     finally:
         env.shutdown()
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace) -> int:
         "input_size": classifier.data["input_size"][-1],
         "crop_pct": classifier.data["crop_pct"],
         "interpolation": classifier.data["interpolation"],
+        "backend": backend,
         **result,
     }
     # the figures first: they are shown even when the results file cannot be written
@@ -98,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         f"{classifier.model_name} on {record['data']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
         f"loss {result['loss']:.4f}  {result['images']} images  {result['images_per_sec']:.0f} images/s"
     )
+    print(f"backend: {backend}")
     if result["unreadable"]:
         print(f"skipped {len(result['unreadable'])} unreadable files: {'; '.join(result['unreadable'][:10])}")
     if result["skipped_links"]:

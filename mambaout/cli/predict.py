@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mambaout.cli.args import add_force, integer
+from mambaout.fast import BACKENDS, inference_module
 from mambaout.outputs import check_output
 from mambaout.train.config import AMP_MODES
 from mambaout.train.distributed import resolve_device
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=integer(1), default=32, help="images per batch (32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
+    parser.add_argument(
+        "--backend",
+        default="auto",
+        choices=BACKENDS,
+        help="what runs the model: auto (the fastest for the batch, printed), torch, onnxruntime, openvino",
+    )
 
 
 def _as_text(results: list[dict[str, Any]]) -> str:
@@ -67,9 +74,9 @@ def run(args: argparse.Namespace) -> int:
         check_output(args.output, "--output", "predictions", inputs=[*files, *local], force=args.force)
     device = resolve_device(args.device)
     classifier = load_classifier(args.checkpoint, args.model, args.ema, device)
-    results, unreadable = predict_files(
-        classifier, files, args.top, args.batch_size, amp_dtype=resolve_amp(args.amp, device)
-    )
+    model, amp_dtype, backend = inference_module(classifier.model, args.backend, resolve_amp(args.amp, device))
+    results, unreadable = predict_files(classifier, files, args.top, args.batch_size, amp_dtype=amp_dtype, model=model)
+    print(f"backend: {backend}", file=sys.stderr)
     for what, items in (("unreadable files", unreadable), ("links", skipped_links)):
         if items:
             shown = "; ".join(f"{path} ({reason})" for path, reason in items[:10])

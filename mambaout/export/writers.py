@@ -216,7 +216,7 @@ def export_model(
     graph = model
     if fused and isinstance(model, MambaOut):
         # files keep the default weight layout (torch.export's packaging expects it); channels-last is a runtime choice
-        graph = optimize_for_inference(model).model.to(memory_format=torch.contiguous_format)
+        graph = optimize_for_inference(model, backend="torch").model.to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         if fmt == "onnx":

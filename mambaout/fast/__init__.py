@@ -3,15 +3,26 @@
 from mambaout.fast.allocator import cpu_allocator, tune_cpu_allocator
 from mambaout.fast.fused import FusedGatedCNNBlock
 from mambaout.fast.kernels import REFERENCE_ENV, KernelSet, select_kernels
-from mambaout.fast.optimize import FastMambaOut, auto_micro_batch, micro_batches, optimize_for_inference
+from mambaout.fast.optimize import (
+    AUTO_RULE,
+    BACKENDS,
+    FastMambaOut,
+    auto_micro_batch,
+    inference_module,
+    micro_batches,
+    optimize_for_inference,
+)
 
 __all__ = [
+    "AUTO_RULE",
+    "BACKENDS",
     "REFERENCE_ENV",
     "FastMambaOut",
     "FusedGatedCNNBlock",
     "KernelSet",
     "auto_micro_batch",
     "cpu_allocator",
+    "inference_module",
     "micro_batches",
     "optimize_for_inference",
     "select_kernels",

@@ -6,20 +6,36 @@ kernels exist only for some devices, dtypes and PyTorch builds (no bf16 inner pr
 AVX2-VNNI-2, none at all on GPU or ARM), so `select_kernels` probes them once per (device, dtype) on a tiny input
 and falls back to the composed ops when a probe raises or disagrees. Setting `MAMBAOUT_FAST_REFERENCE=1` forces the
 fallback everywhere (tests use it to hold both paths to the same numbers).
+
+Whether oneDNN also serves short inputs is measured once per process (`onednn_min_rows`): which GEMM is faster
+depends on the CPU. MKL, behind `F.linear`, dispatches by vendor and runs its AVX2 kernels on AMD CPUs even where
+they have AVX-512, while oneDNN picks its kernels by instruction set: on an AVX-512 Zen 5 oneDNN is 1.4-2.4× faster
+at every femto shape, down to 49 rows (`scripts/cpu_probes.py gemm`); on an AVX2 Zen 3 MKL was faster below ~3k rows.
 """
 
 import functools
 import os
+import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["REFERENCE_ENV", "Activation", "KernelSet", "activation_of", "cpu_has_kernels", "select_kernels"]
+__all__ = [
+    "REFERENCE_ENV",
+    "Activation",
+    "KernelSet",
+    "activation_of",
+    "cpu_has_kernels",
+    "onednn_min_rows",
+    "select_kernels",
+]
 
 REFERENCE_ENV = "MAMBAOUT_FAST_REFERENCE"
 ONEDNN_MIN_ROWS = 8192
+# the short GEMM `onednn_min_rows` times: batch 1's stage-3 fc1 in femto ([196, 192] @ [192, 384])
+_SHORT_GEMM = (196, 192, 384)
 
 
 @dataclass(frozen=True)
@@ -62,8 +78,9 @@ class KernelSet:
 
     oneDNN adds the bias inside the matrix multiply, where `F.linear` on CPU first copies the broadcast bias into
     the output (a full extra pass), and it fuses the gate activation and the residual add. That pays on tall inputs;
-    on short ones (batch 1, the last stages) its per-call overhead costs more than the pass it saves, and MKL's
-    GEMM behind `F.linear` is faster (measured on the dev machine: 0.3-0.9× below ~3k rows, 1.0-1.5× above ~8k).
+    on short ones (batch 1, the last stages) its per-call overhead can cost more than the pass it saves where MKL's
+    GEMM behind `F.linear` runs at full width (AVX2 Zen 3: 0.3-0.9× below ~3k rows, 1.0-1.5× above ~8k); where MKL
+    does not (AMD with AVX-512) oneDNN wins at every size. `select_kernels` measures which.
 
     Attributes:
         onednn: Use `torch.ops.mkldnn._linear_pointwise` (plain, unary and binary-add forms) ...
@@ -127,6 +144,34 @@ def _probe(dtype: torch.dtype) -> bool:
     return all(torch.allclose(got.float(), want.float(), atol=tol, rtol=tol) for got, want in pairs)
 
 
+def _best_of(fn, calls: int) -> float:
+    best = float("inf")
+    for _ in range(calls):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.cache
+def onednn_min_rows(dtype: torch.dtype) -> int:
+    """The fewest rows for which oneDNN's linear beats `F.linear` here: 0 when it wins on a short input (measured).
+
+    Times both on one batch-1-sized GEMM, interleaved, fastest of several calls each (robust to other load, which
+    only slows calls down); oneDNN must be at least as fast to serve every input, else it serves tall inputs only.
+    """
+    rows, k, m = _SHORT_GEMM
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=gen).to(dtype) for s in ((rows, k), (m, k), (m,)))
+    fused, plain = KernelSet(onednn=True, min_rows=0), KernelSet()
+    onednn, mkl = float("inf"), float("inf")
+    with torch.inference_mode():
+        for _ in range(3):  # first round warms both up (oneDNN creates its primitive)
+            onednn = min(onednn, _best_of(lambda: fused.linear(x, w, b), 5))
+            mkl = min(mkl, _best_of(lambda: plain.linear(x, w, b), 5))
+    return 0 if onednn <= mkl else ONEDNN_MIN_ROWS
+
+
 @functools.cache
 def cpu_has_kernels(dtype: torch.dtype) -> bool:
     """True when this CPU and PyTorch build have oneDNN's fused linear kernels for `dtype` (probed once)."""
@@ -137,4 +182,6 @@ def select_kernels(device: torch.device | str, dtype: torch.dtype) -> KernelSet:
     """The fastest `KernelSet` that works for `device` and `dtype` (all fallbacks off CPU or when forced)."""
     if torch.device(device).type != "cpu" or os.environ.get(REFERENCE_ENV, "") not in ("", "0"):
         return KernelSet()
-    return KernelSet(onednn=cpu_has_kernels(dtype))
+    if not cpu_has_kernels(dtype):
+        return KernelSet()
+    return KernelSet(onednn=True, min_rows=onednn_min_rows(dtype))

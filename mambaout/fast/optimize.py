@@ -7,20 +7,40 @@ The result computes the reference function (held to it by `tests/test_fast.py`) 
 - channels-last images into the stem, so every convolution takes oneDNN's NHWC path;
 - each stage run in its own micro-batches (each image is independent at inference): a few images at a time in the
   first stages, so that their large activations stay in cache, many in the last, so that their GEMMs are tall.
+
+Its `backend` says what runs a call: "torch" (the above), "onnxruntime" or "openvino" (the same fused graph
+exported to ONNX and verified, `mambaout.fast.engines`), or "auto", which picks one per call from the input's
+shape (`AUTO_RULE`). `backend_for(x)` tells which one a call on `x` takes.
 """
 
 import copy
+import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from mambaout.errors import UserError, describe
+from mambaout.fast.engines import ENGINES, OnnxRuntimeEngine, OpenVINOEngine, engine_installed, onnx_file
 from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
+from mambaout.fast.threads import ThreadFitter
+from mambaout.layers import SSMMixer
 from mambaout.models import MambaOut
 
-__all__ = ["FastMambaOut", "auto_micro_batch", "micro_batches", "optimize_for_inference"]
+__all__ = [
+    "AUTO_RULE",
+    "BACKENDS",
+    "FastMambaOut",
+    "auto_micro_batch",
+    "inference_module",
+    "micro_batches",
+    "optimize_for_inference",
+]
+
+BACKENDS = ("auto", "torch", *ENGINES)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # Bytes of activations one stage's micro-batch may hold. A block keeps ~7 values of width C per pixel alive
@@ -29,6 +49,37 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 # images at once so their small matrices grow tall enough for efficient matrix multiplies.
 MICRO_BATCH_BYTES = 32 * 2**20
 LIVE_VALUES_PER_CHANNEL = 7
+
+
+@dataclass(frozen=True)
+class AutoRule:
+    """Where `backend="auto"` sends a call: small calls to an engine, the rest to PyTorch.
+
+    Why (BENCHMARKS.md, issue 14; `python scripts/cpu_probes.py engines`): a PyTorch forward pays a fixed cost per
+    call, the dispatch of its ~400 operators (~5 ms for femto on the dev machine's Zen 5, 1 thread), which the
+    engines' compiled graphs do not. It dominates small calls: up to 64k pixels per call (one 224² image, four of
+    128², sixteen of 64²) ONNX Runtime ran our graph 1.2-2.4× faster than PyTorch at 1 thread and 1.1-5× at 2;
+    from ~800k pixels (16 images of 224²) PyTorch, whose oneDNN GEMMs are the fastest here, was 1.1-1.3× faster.
+    ONNX Runtime rather than OpenVINO: about as fast, with no compilation per input shape (OpenVINO's 0.2-0.3 s).
+
+    Attributes:
+        engine: The engine small calls go to.
+        max_pixels: Calls of at most this many pixels (batch × height × width) go to it.
+    """
+
+    engine: str = "onnxruntime"
+    max_pixels: int = 65536
+
+    def routes(self, shape: Sequence[int]) -> bool:
+        """True when a call on images of `shape` `[B, 3, H, W]` goes to the engine."""
+        return shape[0] * shape[-2] * shape[-1] <= self.max_pixels
+
+    def describe(self) -> str:
+        return f"{self.engine} for calls of at most {self.max_pixels} pixels (batch x height x width), torch above"
+
+
+AUTO_RULE = AutoRule()
+_ENGINE_LOCK = threading.Lock()
 
 
 def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.dtype) -> list[int]:
@@ -73,7 +124,8 @@ class FastMambaOut(nn.Module):
     """The inference-only twin of a `MambaOut`: same call signature and outputs, fused and micro-batched.
 
     Inputs are NCHW images of any floating dtype; they are cast to the compute dtype and the outputs are cast back
-    to the input's dtype. Build it with `optimize_for_inference`.
+    to the input's dtype. Build it with `optimize_for_inference`. Only `forward` (logits) runs on an engine; features,
+    the head and intermediates always run in PyTorch.
 
     Args:
         model: A fused copy of the reference model (blocks already replaced), in the compute dtype, eval mode.
@@ -82,9 +134,22 @@ class FastMambaOut(nn.Module):
             image size (`auto_micro_batch`) on CPU and to run whole batches elsewhere.
         compile: Run `forward` through `torch.compile` with weight freezing (in micro-batches of the first stage's
             size: the compiled graph is the whole network).
+        backend: One of `BACKENDS` (see the module's docstring).
+        engine: The engine that "onnxruntime"/"openvino" run calls on, built already; for "auto", None (built on
+            the first call `AUTO_RULE` routes to it, from the fused model's verified export).
+        auto_engine: Whether "auto" may route to `AUTO_RULE.engine` (False where it cannot run this model).
     """
 
-    def __init__(self, model: MambaOut, dtype: torch.dtype, micro_batch: int | None = None, compile: bool = False):
+    def __init__(
+        self,
+        model: MambaOut,
+        dtype: torch.dtype,
+        micro_batch: int | None = None,
+        compile: bool = False,
+        backend: str = "torch",
+        engine: OnnxRuntimeEngine | OpenVINOEngine | None = None,
+        auto_engine: bool = False,
+    ):
         super().__init__()
         self.model = model
         # compiled with weight freezing: inductor folds and pre-packs the weights and fuses the elementwise work;
@@ -93,6 +158,45 @@ class FastMambaOut(nn.Module):
         object.__setattr__(self, "_run", compiled)
         self.dtype = dtype
         self.micro_batch = micro_batch
+        self.backend = backend
+        self.engine = engine
+        self.auto_engine = auto_engine
+        # CPU calls run one thread per core that other processes leave free (`mambaout.fast.threads`)
+        self.threads = ThreadFitter()
+
+    def backend_for(self, x: torch.Tensor) -> str:
+        """What a `forward` on images `x` runs on: "torch" or the engine's name ("onnxruntime", "openvino")."""
+        if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return "torch"
+        if self.backend in ENGINES:
+            return self.backend
+        if self.backend == "auto" and self.auto_engine and AUTO_RULE.routes(x.shape):
+            return AUTO_RULE.engine
+        return "torch"
+
+    def describe_backend(self) -> str:
+        """The backend in words, for a command's output: what was asked and what runs."""
+        if self.backend != "auto":
+            return self.backend
+        if not self.auto_engine:
+            return "auto: torch (no engine for this model, dtype, device or options)"
+        return f"auto: {AUTO_RULE.describe()}"
+
+    def _engine_for_auto(self) -> OnnxRuntimeEngine | OpenVINOEngine | None:
+        """The auto engine, built on first use; None (and torch from then on) when it cannot be built here."""
+        with _ENGINE_LOCK:  # one export and session, whichever thread calls first
+            if self.engine is None and self.auto_engine:
+                try:
+                    self.engine = _engine(self.model, AUTO_RULE.engine, torch.get_num_threads())
+                except (
+                    UserError,
+                    OSError,
+                    ImportError,
+                    RuntimeError,
+                ) as e:  # no room, read-only cache, a broken install
+                    self.auto_engine = False
+                    warnings.warn(f"backend auto stays on torch: {describe(e)}", RuntimeWarning, stacklevel=3)
+        return self.engine
 
     # the reference model's description, read through (not copied) from the fused model
     @property
@@ -139,7 +243,18 @@ class FastMambaOut(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """`[B, 3, H, W]` images -> logits `[B, num_classes]`, each stage run in micro-batches."""
+        """`[B, 3, H, W]` images -> logits `[B, num_classes]`: on the engine `backend_for(x)` names, or in PyTorch
+        with each stage run in micro-batches."""
+        if self.backend_for(x) != "torch":
+            engine = self.engine if self.backend in ENGINES else self._engine_for_auto()
+            if engine is not None:
+                return engine(x).to(x.dtype)
+        if x.device.type != "cpu":
+            return self._forward(x)
+        with self.threads():
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         chunks = self._chunks(x)
         if self._run is not self.model:
             return _in_chunks(self._run, self._images(x), chunks[0]).to(x.dtype)
@@ -180,12 +295,20 @@ class FastMambaOut(nn.Module):
         return block.kernels if block is not None else KernelSet()
 
 
+def _engine(model: MambaOut, name: str, threads: int) -> OnnxRuntimeEngine | OpenVINOEngine:
+    """Engine `name` on `model`'s verified fused ONNX export (exported once per weights, `engines.onnx_file`);
+    `model` may be the reference or its fused copy (the export writes the same fused graph from either)."""
+    path = onnx_file(model)
+    return OnnxRuntimeEngine(path, threads) if name == "onnxruntime" else OpenVINOEngine(path, threads)
+
+
 def optimize_for_inference(
     model: MambaOut,
     dtype: torch.dtype = torch.float32,
     micro_batch: int | None = None,
     compile: bool = False,
     kernels: KernelSet | None = None,
+    backend: str = "auto",
 ) -> FastMambaOut:
     """A fused inference module computing the same function as `model` (which is left untouched).
 
@@ -200,16 +323,29 @@ def optimize_for_inference(
             input shape compiles, which takes a minute or more.
         kernels: The fused blocks' kernels on CPU; default `select_kernels(device, dtype)`. `KernelSet()` forces
             the composed ops; `dataclasses.replace(select_kernels(...), min_rows=0)` uses oneDNN on every input.
+        backend: What runs `forward`: "torch"; "onnxruntime" or "openvino" (fp32 on the CPU: the model is exported
+            to ONNX, verified, and cached); or "auto" (the default), which sends small calls to ONNX Runtime and
+            the rest to torch (`AUTO_RULE`; the export happens on the first small call). "auto" stays on torch for
+            options only torch has (`micro_batch`, `compile`, `kernels`), off the CPU, for bf16, for models ONNX
+            cannot hold (the SSM mixer) and when onnxruntime is not installed.
 
     Returns:
         A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and
-        `forward_intermediates` as the reference.
+        `forward_intermediates` as the reference (always in PyTorch).
+
+    Raises:
+        UserError: An engine backend asked for that is not installed or cannot hold the model.
     """
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype must be one of {SUPPORTED_DTYPES}, got {dtype}")
     if micro_batch is not None and micro_batch < 1:
         raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = next(model.parameters()).device
+    if backend in ENGINES and (device.type != "cpu" or dtype != torch.float32 or compile):
+        raise ValueError(f"backend {backend!r} runs fp32 on the CPU without compile; use backend='torch'")
+    torch_only = micro_batch is not None or compile or kernels is not None
     if compile:
         kernels = KernelSet()
     elif kernels is None:
@@ -232,4 +368,42 @@ def optimize_for_inference(
     # channels-last conv weights: oneDNN's NHWC convolution would otherwise reorder them on every call
     fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
     fast.requires_grad_(False)
-    return FastMambaOut(fast, dtype, micro_batch, compile).eval()
+    engine = _engine(model, backend, torch.get_num_threads()) if backend in ENGINES else None
+    auto_engine = (
+        backend == "auto"
+        and not torch_only
+        and device.type == "cpu"
+        and dtype == torch.float32
+        and not any(isinstance(m, SSMMixer) for m in model.modules())  # ONNX has no selective scan
+        and engine_installed(AUTO_RULE.engine)
+    )
+    return FastMambaOut(fast, dtype, micro_batch, compile, backend, engine, auto_engine).eval()
+
+
+def inference_module(
+    model: MambaOut, backend: str = "auto", amp_dtype: torch.dtype | None = None
+) -> tuple[FastMambaOut, torch.dtype | None, str]:
+    """The module `mambaout predict/eval --backend` run: `model`'s `optimize_for_inference` twin on `backend`.
+
+    Args:
+        model: The reference model, on the device it will run on.
+        backend: One of `BACKENDS`.
+        amp_dtype: The `--amp` autocast dtype: bf16 becomes the twin's own dtype (weights in bf16, no autocast);
+            fp16 (GPU) stays an autocast around it.
+
+    Returns:
+        The twin, the autocast dtype still to apply around it (or None), and its backend in words.
+
+    Raises:
+        UserError: An engine asked for off the CPU or with mixed precision, not installed, or unable to hold the model.
+    """
+    device = next(model.parameters()).device
+    if backend in ENGINES and device.type != "cpu":
+        raise UserError(f"--backend {backend} runs on the CPU: add --device cpu, or use --backend torch")
+    if backend in ENGINES and amp_dtype is not None:
+        raise UserError(f"--backend {backend} runs fp32: use --amp none, or --backend torch")
+    dtype = torch.float32
+    if amp_dtype == torch.bfloat16:
+        dtype, amp_dtype = torch.bfloat16, None
+    fast = optimize_for_inference(model, dtype=dtype, backend=backend)
+    return fast, amp_dtype, fast.describe_backend()

@@ -12,8 +12,12 @@
 - Split linears (CPU): during the step every MambaOut block runs `SplitLinearGatedCNNBlock.forward`, which
   applies fc1 and fc2 as row/column slices of their weights, so neither the forward (`split`, `cat`) nor the
   backward (the `cat` that is `split`'s gradient) copies the hidden activations, and the depthwise conv reads a
-  dense channels-last input. Same parameters, same function.
+  dense channels-last input. Same parameters, same function. Where `select_kernels` measured oneDNN's GEMM faster
+  than MKL's on every input (fp32, no autocast: e.g. AMD CPUs with AVX-512, where MKL stays at AVX2), these linears
+  and their input gradients run on oneDNN (`OneDNNLinear`; 1.2-1.3× the whole step on the dev machine's Zen 5).
 - A fused optimizer where the caller builds one (`torch.optim.AdamW(..., fused=True)`; `fused_adamw` does).
+- Threads fitted to the free cores (CPU): a step runs one intra-op thread per core that other processes (the run's
+  own data-loader workers among them) leave free, so OpenMP never waits on a taken core (`mambaout.fast.threads`).
 """
 
 import contextlib
@@ -25,10 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.fast.fused import can_fuse
+from mambaout.fast.kernels import select_kernels
 from mambaout.fast.optimize import micro_batches
+from mambaout.fast.threads import ThreadFitter
 from mambaout.layers import GatedCNNBlock
 
 __all__ = [
+    "OneDNNLinear",
     "SplitLinearGatedCNNBlock",
     "TrainStepConfig",
     "auto_train_micro_batch",
@@ -39,12 +46,56 @@ __all__ = [
     "split_linear_blocks",
 ]
 
-# Bytes of stage-1 activations a training micro-batch may keep for the backward pass (about one L3 cache of the
-# machine class this was tuned on; more only costs memory once the matrix multiplies are large enough).
-TRAIN_MICRO_BATCH_BYTES = 96 * 2**20
+# Bytes of stage-1 activations a training micro-batch may keep for the backward pass. Femto at 224² keeps ~9.6 MB per
+# image, so this makes pieces of 16 of a batch of 32: on the Zen 5 dev machine (oneDNN GEMMs) 1.30× timm's step at
+# 48% of its memory, where pieces of 8 gave 1.17× at 25% and the whole batch 1.39× at 78% (BENCHMARKS.md, issue 14).
+TRAIN_MICRO_BATCH_BYTES = 160 * 2**20
 # Values of width C kept per stage-1 pixel by the reference block for backward (input, normed, fc1 output x2h/C,
 # activated gate, concatenated product, conv in/out, output).
 SAVED_VALUES_PER_CHANNEL = 16
+
+
+class OneDNNLinear(torch.autograd.Function):
+    """`F.linear` for fp32 CPU tensors whose forward and input gradient run on oneDNN's GEMM.
+
+    The weight gradient `grad^T @ x` stays with `torch.mm`: through oneDNN it would need both operands transposed
+    (copies of the activations), which costs more than the GEMM it would speed up.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])  # [N, K]
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")  # [N, M]
+        ctx.save_for_backward(flat, weight)
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        flat, weight = ctx.saved_tensors
+        grad_flat = grad.reshape(-1, grad.shape[-1]).contiguous()  # [N, M]
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:  # grad @ W = linear(grad, W^T): [N, K]
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad_flat, weight.t().contiguous(), None, "none", [], "")
+            grad_x = grad_x.view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_flat.t().mm(flat)  # [M, K]
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_flat.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return OneDNNLinear.apply(x.contiguous(), weight.contiguous(), bias)
+
+
+def _onednn_trains(x: torch.Tensor) -> bool:
+    """True where oneDNN is the faster GEMM for every input (`select_kernels`) and `x` is fp32 on the CPU outside
+    autocast (oneDNN's op is not autocast's to cast)."""
+    if not x.is_cpu or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+        return False
+    kernels = select_kernels("cpu", torch.float32)
+    return kernels.onednn and kernels.min_rows == 0
 
 
 class SplitLinearGatedCNNBlock(GatedCNNBlock):
@@ -59,13 +110,18 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
         hidden, ident, _ = self.split_sizes
         w1, b1, w2 = self.fc1.weight, self.fc1.bias, self.fc2.weight
+        onednn = _onednn_trains(x)
+        linear = _onednn_linear if onednn else F.linear
         normed = self.norm(x)
-        gate_i = self.act(F.linear(normed, w1[:ident], b1[:ident]))
-        gate_c = self.act(F.linear(normed, w1[ident:hidden], b1[ident:hidden]))
-        prod_i = gate_i * F.linear(normed, w1[hidden : hidden + ident], b1[hidden : hidden + ident])
-        prod_c = gate_c * self.mixer(F.linear(normed, w1[hidden + ident :], b1[hidden + ident :]))
-        out = F.linear(prod_i, w2[:, :ident], self.fc2.bias).flatten(0, -2)  # [N, C]
-        out = torch.addmm(out, prod_c.flatten(0, -2), w2[:, ident:].t()).view_as(x)  # + the conv half's share
+        gate_i = self.act(linear(normed, w1[:ident], b1[:ident]))
+        gate_c = self.act(linear(normed, w1[ident:hidden], b1[ident:hidden]))
+        prod_i = gate_i * linear(normed, w1[hidden : hidden + ident], b1[hidden : hidden + ident])
+        prod_c = gate_c * self.mixer(linear(normed, w1[hidden + ident :], b1[hidden + ident :]))
+        if onednn:
+            out = linear(prod_i, w2[:, :ident], self.fc2.bias) + linear(prod_c, w2[:, ident:])  # [B, H, W, C]
+        else:
+            out = F.linear(prod_i, w2[:, :ident], self.fc2.bias).flatten(0, -2)  # [N, C]
+            out = torch.addmm(out, prod_c.flatten(0, -2), w2[:, ident:].t()).view_as(x)  # + the conv half's share
         return x + self.drop_path(self.ls(out))
 
 
@@ -188,8 +244,15 @@ def make_train_step(
         `step(images [B, 3, H, W], targets [B] or [B, classes]) -> the batch's mean loss as a float`.
     """
     config = config or TrainStepConfig()
+    threads = ThreadFitter()
 
     def step(images: torch.Tensor, targets: torch.Tensor) -> float:
+        if images.device.type != "cpu":
+            return run(images, targets)
+        with threads():
+            return run(images, targets)
+
+    def run(images: torch.Tensor, targets: torch.Tensor) -> float:
         batch = images.shape[0]
         images = images.contiguous(memory_format=torch.channels_last)  # the stem's convs take oneDNN's NHWC path
         chunk = config.micro_batch

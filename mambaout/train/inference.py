@@ -183,11 +183,13 @@ def evaluate_folder(
     amp_dtype: torch.dtype | None = None,
     class_map: dict[str, str] | None = None,
     by_position: bool = False,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5, loss and throughput of `classifier` on an ImageFolder tree (`root/<class>/<images>`).
 
     A dataset root (holding `train/` and `val/`) is evaluated on its `val/`. Folders are matched to outputs by
-    name (`match_class_folders`).
+    name (`match_class_folders`). `model` runs instead of `classifier.model` when given (its
+    `mambaout.fast.inference_module` twin).
 
     Returns:
         The metrics of `evaluate` plus `data` (the folder evaluated), `unreadable` (files skipped), `skipped_links`
@@ -206,7 +208,7 @@ def evaluate_folder(
         pin_memory=env.device.type == "cuda",
     )
     start = time.perf_counter()
-    metrics = evaluate(classifier.model, loader, env, amp_dtype)
+    metrics = evaluate(model or classifier.model, loader, env, amp_dtype)
     unreadable = dataset.new_unreadable()
     return {
         **metrics,
@@ -239,8 +241,11 @@ def predict_files(
     batch_size: int = 32,
     workers: int = 0,
     amp_dtype: torch.dtype | None = None,
+    model: nn.Module | None = None,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Top-`top` classes of every image file in `files` (`find_images` lists them from files and folders).
+
+    `model` runs instead of `classifier.model` when given (its `mambaout.fast.inference_module` twin).
 
     Returns:
         One `{"path", "predictions": [{"rank", "label", "index", "probability"}]}` per readable image, in input
@@ -253,7 +258,7 @@ def predict_files(
     check_activation_memory(classifier.model, min(batch_size, len(files)), classifier.data["input_size"][-1], device)
     dataset = ImageFiles([(str(f), i) for i, f in enumerate(files)], eval_transform(classifier.data), substitute=False)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    found = predict(classifier.model, loader, device, top, amp_dtype)
+    found = predict(model or classifier.model, loader, device, top, amp_dtype)
     results = [
         {
             "path": str(files[i]),

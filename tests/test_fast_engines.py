@@ -1,0 +1,190 @@
+"""Every backend of `optimize_for_inference` computes the reference function; auto routes by shape; threads fit the
+free cores; the ONNX file is exported once per weights. Results within 1e-4 of the reference on fresh inputs."""
+
+import json
+
+import pytest
+import torch
+from conftest import randomize_
+from train_fixtures import write_image
+
+import mambaout
+from mambaout.cli import main
+from mambaout.errors import UserError
+from mambaout.fast import AUTO_RULE, BACKENDS, KernelSet, inference_module, optimize_for_inference
+from mambaout.fast import engines as engines_module
+from mambaout.fast import optimize as optimize_module
+from mambaout.fast import threads as threads_module
+from mambaout.fast.engines import OpenVINOEngine, onnx_file
+from mambaout.fast.threads import ThreadFitter
+from mambaout.models import MambaOut
+
+ATOL = 1e-4
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path / "cache"))
+
+
+def tiny(seed: int = 0, **kwargs) -> MambaOut:
+    torch.manual_seed(seed)
+    return randomize_(MambaOut(depths=(1, 2), dims=(16, 32), num_classes=10, **kwargs)).eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape and a.dtype == b.dtype
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_matches_the_reference(backend):
+    ref = tiny()
+    fast = optimize_for_inference(ref, backend=backend)
+    assert fast.backend == backend
+    for shape in ((1, 3, 64, 96), (3, 3, 72, 40)):
+        images = torch.randn(shape)
+        with torch.inference_mode():
+            assert max_diff(fast(images), ref(images)) <= ATOL
+        expected = backend if backend in ("onnxruntime", "openvino") else fast.backend_for(images)
+        assert fast.backend_for(images) == expected
+    if backend == "torch":
+        assert fast.engine is None and fast.describe_backend() == "torch"
+
+
+def test_auto_routes_small_calls_to_the_engine():
+    ref = tiny()
+    fast = optimize_for_inference(ref)
+    assert fast.auto_engine and fast.engine is None  # exported on the first call that goes to the engine
+    small, large = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 288, 256)
+    assert AUTO_RULE.routes(small.shape) and not AUTO_RULE.routes(large.shape)
+    assert fast.backend_for(small) == AUTO_RULE.engine and fast.backend_for(large) == "torch"
+    assert AUTO_RULE.engine in fast.describe_backend()
+    with torch.inference_mode():
+        assert max_diff(fast(large), ref(large)) <= ATOL and fast.engine is None
+        assert max_diff(fast(small), ref(small)) <= ATOL and fast.engine.name == AUTO_RULE.engine
+    # options only PyTorch has keep auto on PyTorch
+    for options in ({"micro_batch": 2}, {"kernels": KernelSet()}, {"dtype": torch.bfloat16}):
+        kept = optimize_for_inference(ref, **options)
+        assert not kept.auto_engine and kept.backend_for(small) == "torch" and "torch" in kept.describe_backend()
+
+
+def test_auto_falls_back_to_torch_when_the_engine_cannot_be_built(monkeypatch):
+    def no_room(*args):
+        raise UserError("cannot write model.onnx: No space left on device")
+
+    monkeypatch.setattr(optimize_module, "_engine", no_room)
+    ref, images = tiny(), torch.randn(1, 3, 64, 64)
+    fast = optimize_for_inference(ref)
+    with torch.inference_mode(), pytest.warns(RuntimeWarning, match="stays on torch: UserError: cannot write"):
+        assert max_diff(fast(images), ref(images)) <= ATOL
+    assert fast.backend_for(images) == "torch" and "torch" in fast.describe_backend()
+
+
+def test_auto_stays_on_torch_where_onnx_cannot_hold_the_model():
+    ssm = tiny(token_mixer="conv_ssm")
+    assert not optimize_for_inference(ssm).auto_engine
+    with pytest.raises(UserError, match="selective-scan"):
+        optimize_for_inference(ssm, backend="onnxruntime")
+
+
+def test_openvino_throughput_hint_splits_uneven_batches():
+    ref = tiny()
+    engine = OpenVINOEngine(onnx_file(ref), threads=2, hint="THROUGHPUT")
+    images = torch.randn(5, 3, 64, 64)
+    with torch.inference_mode():
+        assert max_diff(engine(images), ref(images)) <= ATOL
+        assert max_diff(engine(images[:1]), ref(images[:1])) <= ATOL
+
+
+def test_onnx_file_is_exported_once_per_weights(tmp_path, monkeypatch):
+    ref = tiny()
+    first = onnx_file(ref, folder=tmp_path)
+    written = []
+    monkeypatch.setattr("mambaout.export.export_model", lambda *a, **k: written.append(a))
+    assert onnx_file(ref, folder=tmp_path) == first and not written  # the same weights: the file is reused
+    changed = tiny(seed=1)
+    assert engines_module._weights_key(changed) != engines_module._weights_key(ref)
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # written atomically: no temporary left
+
+
+def test_bad_backend_requests_raise():
+    ref = tiny()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        optimize_for_inference(ref, backend="tensorrt")
+    with pytest.raises(ValueError, match="runs fp32 on the CPU"):
+        optimize_for_inference(ref, dtype=torch.bfloat16, backend="openvino")
+    with pytest.raises(UserError, match="--backend onnxruntime runs fp32"):
+        inference_module(ref, "onnxruntime", torch.bfloat16)
+
+
+def test_a_missing_engine_names_the_extra(monkeypatch):
+    monkeypatch.setattr(engines_module, "engine_installed", lambda name: False)
+    with pytest.raises(UserError, match=r"pip install 'mambaout\[deploy\]'"):
+        optimize_for_inference(tiny(), backend="openvino")
+
+
+def test_thread_fitter_gives_up_the_cores_others_keep_busy(monkeypatch):
+    clock = {"wall": 0.0, "machine": 0.0, "own": 0.0}
+    monkeypatch.setattr(threads_module.time, "perf_counter", lambda: clock["wall"])
+    monkeypatch.setattr(threads_module, "_machine_busy_s", lambda: clock["machine"])
+    monkeypatch.setattr(threads_module, "_own_busy_s", lambda: clock["own"])
+    fitter = ThreadFitter(threads=2)
+    monkeypatch.setattr(fitter, "_cores", lambda: 2)
+    assert fitter.fitted() == 2  # nothing measured yet
+    clock.update(wall=1.0, machine=1.9, own=1.0)  # over 1 s: 1.9 busy core-seconds, 1.0 of them ours
+    assert fitter.free_cores() == 1 and fitter.fitted() == 1
+    clock.update(wall=1.1, machine=2.0, own=1.1)  # a window too short to measure: the estimate is kept
+    assert fitter.fitted() == 1
+    clock.update(wall=2.1, machine=4.0, own=3.0)  # the other process ended: ours used both cores
+    assert fitter.fitted() == 2
+    assert ThreadFitter(threads=2, fit=False).fitted() == 2
+
+
+def test_thread_fitter_restores_the_thread_count():
+    fitter = ThreadFitter(threads=1)
+    before = torch.get_num_threads()
+    with fitter() as count:
+        assert count == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A femto-layout classifier's weights file (random, 4 classes) and two images."""
+    folder = tmp_path_factory.mktemp("engines")
+    torch.manual_seed(0)
+    model = randomize_(mambaout.create_model("mambaout_femto", num_classes=4)).eval()
+    path = folder / "femto.pth"
+    torch.save(model.state_dict(), path)
+    images = [write_image(folder / "img" / f"{i}.png", i, size=48, seed=i) for i in range(2)]
+    return path, images
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
+def test_cli_predict_backends_agree(checkpoint, backend, capsys):
+    path, images = checkpoint
+    argv = ["predict", *map(str, images), "--model", "mambaout_femto", "--checkpoint", str(path), "--json"]
+    assert main([*argv, "--backend", "torch"]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--backend", backend]) == 0
+    captured = capsys.readouterr()
+    assert f"backend: {backend}" in captured.err
+    got = json.loads(captured.out)
+    for a, b in zip(got, want, strict=True):
+        assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        pairs = zip(a["predictions"], b["predictions"], strict=True)
+        assert max(abs(p["probability"] - q["probability"]) for p, q in pairs) < ATOL
+
+
+def test_cli_eval_records_its_backend(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    for i in range(4):  # one class folder per output, taken in order (the weights file names no classes)
+        write_image(tmp_path / "data" / f"class_{i}" / "0.png", i, size=48, seed=i)
+    record = tmp_path / "eval.json"
+    argv = ["eval", "--model", "mambaout_femto", "--checkpoint", str(path), "--data", str(tmp_path / "data")]
+    assert main([*argv, "--workers", "0", "--json", str(record), "--backend", "openvino"]) == 0
+    assert "backend: openvino" in capsys.readouterr().out
+    assert json.loads(record.read_text())["backend"] == "openvino"

@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from mambaout.errors import UserError
+from mambaout.fast.threads import ThreadFitter
 from mambaout.fast.train_step import autocast, forward_backward, split_linear_blocks
 from mambaout.train.distributed import DistEnv
 from mambaout.train.progress import Progress
@@ -237,6 +238,7 @@ class ClassificationStep:
         channels_last: Feed images in channels-last memory format.
         micro_batch: Images per forward/backward pass within a loaded batch, or None for the whole batch.
         split_linears: Run the MambaOut blocks as split linears during the epoch (`split_linear_blocks`).
+        threads: Fits the CPU threads of each batch's forward and backward to the cores left free.
     """
 
     criterion: nn.Module
@@ -244,6 +246,7 @@ class ClassificationStep:
     channels_last: bool = False
     micro_batch: int | None = None
     split_linears: bool = False
+    threads: ThreadFitter = field(default_factory=ThreadFitter)
 
     def epoch_context(self, module: nn.Module) -> contextlib.AbstractContextManager:
         # the blocks' class is switched for the whole epoch (parameters, state dict and EMA are untouched by it)
@@ -253,7 +256,9 @@ class ClassificationStep:
         images, targets = _to_device(*batch, parts.env, self.channels_last)
         if self.mixup is not None:
             images, targets = self.mixup(images, targets)
-        return self._forward_backward(parts, images, targets, last_micro), len(images)
+        # on the CPU, one thread per core the loader workers and other processes leave free (`ThreadFitter`)
+        with self.threads() if images.device.type == "cpu" else nullcontext():
+            return self._forward_backward(parts, images, targets, last_micro), len(images)
 
     def _forward_backward(
         self, parts: TrainParts, images: torch.Tensor, targets: torch.Tensor, last_micro: bool

@@ -40,8 +40,10 @@ def test_two_gloo_processes_match_one_process(tmp_path, task):
 
     one, two = read_checkpoint(single / "last.pth"), read_checkpoint(ddp / "last.pth")
     assert one["step"] == two["step"] > 0 and len(two["rng"]) == 2
+    # the two runs sum the same gradients in another order; through group norm on 32² crops that leaves up to 1e-4
+    # after six SGD steps on an AVX-512 Xeon (2.5e-5 on Zen 5); a wrong average would move them by the update itself
     for name, value in one["model"].items():
-        torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(two["model"][name], value, rtol=1e-4, atol=2e-4, msg=name)
     metric = "val_bbox_ap" if task == "detect" else "val_miou"
     for a, b in zip(RunDir(single).read_metrics(), RunDir(ddp).read_metrics(), strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)

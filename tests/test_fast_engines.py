@@ -2,6 +2,8 @@
 free cores; the ONNX file is exported once per weights. Results within 1e-4 of the reference on fresh inputs."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -97,6 +99,42 @@ def test_openvino_throughput_hint_splits_uneven_batches():
     with torch.inference_mode():
         assert max_diff(engine(images), ref(images)) <= ATOL
         assert max_diff(engine(images[:1]), ref(images[:1])) <= ATOL
+
+
+# Two OpenVINO Cores released in the order they were made, then a signal Python handles (as a subprocess's SIGCHLD
+# is in a gradio app), in a fresh interpreter with faulthandler's alternate stack, as under pytest.
+_TWO_CORES = """
+import ctypes, faulthandler, gc, os, signal, sys
+import numpy as np
+from mambaout.fast.engines import OpenVINOEngine
+faulthandler.enable()
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+def stack():
+    s = Stack()
+    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s))
+    return s.sp, s.flags, s.size
+before = stack()
+first = OpenVINOEngine(sys.argv[1], threads=1)
+first.run(np.zeros((1, 3, 32, 32), np.float32))
+second = OpenVINOEngine(sys.argv[1], threads=1)
+second.run(np.zeros((1, 3, 32, 32), np.float32))
+del first; gc.collect()
+del second; gc.collect()
+assert stack() == before, f"alternate signal stack {stack()} after OpenVINO, {before} before"
+handled = []
+signal.signal(signal.SIGUSR1, lambda *_: handled.append(True))
+os.kill(os.getpid(), signal.SIGUSR1)
+assert handled
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sigaltstack through glibc")
+def test_openvino_leaves_the_threads_signal_stack_as_it_found_it():
+    # OpenVINO's CPU plugin restores a stale (unmapped) alternate stack here; the next handled signal was a segfault
+    path = onnx_file(tiny())
+    run = subprocess.run([sys.executable, "-c", _TWO_CORES, str(path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, f"exit {run.returncode}: {run.stderr[-2000:]}"
 
 
 def test_onnx_file_is_exported_once_per_weights(tmp_path, monkeypatch):

@@ -13,10 +13,14 @@ in them, as peers). Both are optional: ONNX Runtime comes with the `export` extr
   the batch as several requests in parallel streams; by default single images take the first, batches the second.
 """
 
+import contextlib
+import ctypes
 import hashlib
 import importlib.util
+import sys
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +44,39 @@ OPENVINO_HINTS = ("LATENCY", "THROUGHPUT")
 _EXTRA = {"onnxruntime": "export", "openvino": "deploy"}
 # compiled OpenVINO models kept per engine (one per input shape: a predict run has its batch and a last partial one)
 _OPENVINO_SHAPES = 4
+
+
+class _SignalStack(ctypes.Structure):
+    """glibc's `stack_t`."""
+
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextlib.contextmanager
+def _signal_stack_kept() -> Iterator[None]:
+    """Give the calling thread back its alternate signal stack after the block (Linux; elsewhere a no-op).
+
+    OpenVINO 2026.4's CPU plugin installs an alternate signal stack of its own when a Core first compiles and, when
+    the plugin goes, restores the one it found, unmapping its own. With two Cores released in the order they were
+    made, the second restores the first's unmapped stack, and the next signal Python handles (SIGCHLD of a
+    subprocess, Ctrl-C) kills the process with a segfault. Restoring the caller's stack after each compile means
+    every plugin finds, and later restores, the stack the thread really has.
+    """
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = _SignalStack()
+    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
+        yield
+        return
+    try:
+        yield
+    finally:
+        now = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(now))
+        if (now.ss_sp, now.ss_flags, now.ss_size) != (saved.ss_sp, saved.ss_flags, saved.ss_size):
+            libc.sigaltstack(ctypes.byref(saved), None)
 
 
 def engine_installed(name: str) -> bool:
@@ -156,7 +193,8 @@ class OpenVINOEngine:
     def _throughput_streams(self, model: object) -> int:
         """Parallel requests the throughput hint asks for on this machine (read once)."""
         if self._streams is None:
-            compiled = self.core.compile_model(model.clone(), "CPU", self._config("THROUGHPUT"))
+            with _signal_stack_kept():
+                compiled = self.core.compile_model(model.clone(), "CPU", self._config("THROUGHPUT"))
             self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         return self._streams
 
@@ -171,7 +209,8 @@ class OpenVINOEngine:
         model = self.core.read_model(str(self.path))
         requests = min(self._throughput_streams(model), shape[0]) if hint == "THROUGHPUT" else 1
         model.reshape([-(-shape[0] // requests), *shape[1:]])
-        compiled = self.core.compile_model(model, "CPU", self._config(hint))
+        with _signal_stack_kept():
+            compiled = self.core.compile_model(model, "CPU", self._config(hint))
         queue = self._ov.AsyncInferQueue(compiled, requests) if requests > 1 else None
         self._compiled[key] = (compiled, requests, queue)
         if len(self._compiled) > _OPENVINO_SHAPES:

@@ -104,16 +104,13 @@ def test_openvino_throughput_hint_splits_uneven_batches():
 # Two OpenVINO Cores released in the order they were made, then a signal Python handles (as a subprocess's SIGCHLD
 # is in a gradio app), in a fresh interpreter with faulthandler's alternate stack, as under pytest.
 _TWO_CORES = """
-import ctypes, faulthandler, gc, os, signal, sys
+import faulthandler, gc, os, signal, sys
 import numpy as np
-from mambaout.fast.engines import OpenVINOEngine
+from mambaout.fast.engines import OpenVINOEngine, _signal_stack
 faulthandler.enable()
-class Stack(ctypes.Structure):
-    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
 def stack():
-    s = Stack()
-    ctypes.CDLL(None).sigaltstack(None, ctypes.byref(s))
-    return s.sp, s.flags, s.size
+    s = _signal_stack()
+    return s.ss_sp, s.ss_flags, s.ss_size
 before = stack()
 first = OpenVINOEngine(sys.argv[1], threads=1)
 first.run(np.zeros((1, 3, 32, 32), np.float32))

@@ -52,6 +52,14 @@ class _SignalStack(ctypes.Structure):
     _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
 
 
+def _signal_stack() -> _SignalStack | None:
+    """The calling thread's alternate signal stack (None off Linux or when it cannot be read)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    stack = _SignalStack()
+    return stack if ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0 else None
+
+
 @contextlib.contextmanager
 def _signal_stack_kept() -> Iterator[None]:
     """Give the calling thread back its alternate signal stack after the block (Linux; elsewhere a no-op).
@@ -62,21 +70,12 @@ def _signal_stack_kept() -> Iterator[None]:
     subprocess, Ctrl-C) kills the process with a segfault. Restoring the caller's stack after each compile means
     every plugin finds, and later restores, the stack the thread really has.
     """
-    if not sys.platform.startswith("linux"):
-        yield
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    saved = _SignalStack()
-    if libc.sigaltstack(None, ctypes.byref(saved)) != 0:
-        yield
-        return
+    saved = _signal_stack()
     try:
         yield
     finally:
-        now = _SignalStack()
-        libc.sigaltstack(None, ctypes.byref(now))
-        if (now.ss_sp, now.ss_flags, now.ss_size) != (saved.ss_sp, saved.ss_flags, saved.ss_size):
-            libc.sigaltstack(ctypes.byref(saved), None)
+        if saved is not None:
+            ctypes.CDLL(None).sigaltstack(ctypes.byref(saved), None)
 
 
 def engine_installed(name: str) -> bool:
@@ -190,11 +189,15 @@ class OpenVINOEngine:
             "INFERENCE_NUM_THREADS": self.threads,
         }
 
+    def _compile_model(self, model: object, hint: str) -> object:
+        """`model` compiled for the CPU at fp32 with `hint`, the thread's signal stack kept (`_signal_stack_kept`)."""
+        with _signal_stack_kept():
+            return self.core.compile_model(model, "CPU", self._config(hint))
+
     def _throughput_streams(self, model: object) -> int:
         """Parallel requests the throughput hint asks for on this machine (read once)."""
         if self._streams is None:
-            with _signal_stack_kept():
-                compiled = self.core.compile_model(model.clone(), "CPU", self._config("THROUGHPUT"))
+            compiled = self._compile_model(model.clone(), "THROUGHPUT")
             self._streams = max(1, int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         return self._streams
 
@@ -209,8 +212,7 @@ class OpenVINOEngine:
         model = self.core.read_model(str(self.path))
         requests = min(self._throughput_streams(model), shape[0]) if hint == "THROUGHPUT" else 1
         model.reshape([-(-shape[0] // requests), *shape[1:]])
-        with _signal_stack_kept():
-            compiled = self.core.compile_model(model, "CPU", self._config(hint))
+        compiled = self._compile_model(model, hint)
         queue = self._ov.AsyncInferQueue(compiled, requests) if requests > 1 else None
         self._compiled[key] = (compiled, requests, queue)
         if len(self._compiled) > _OPENVINO_SHAPES:

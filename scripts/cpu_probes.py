@@ -12,6 +12,7 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   gemm        femto's GEMM shapes through MKL (F.linear) and oneDNN (what `select_kernels` measures)
   contention  timm and ours beside --load busy processes, in fresh processes per thread count / OpenMP wait policy
   engines     ours in PyTorch, ONNX Runtime and OpenVINO over batch and image sizes (behind backend="auto")
+  ort-profile ONNX Runtime's own profile of our fused graph: kernel time per operator type (--batch-size 1: batch 1)
 
 Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system] [--load N]
 """
@@ -22,6 +23,7 @@ import os
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -290,6 +292,37 @@ def engines(args: argparse.Namespace) -> None:
                 print(f"| {size} | {batch} | {batch * size * size} | {' | '.join(cells)} | {fastest} |", flush=True)
 
 
+def ort_profile(args: argparse.Namespace) -> None:
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.enable_profiling = True
+    options.profile_file_prefix = "/tmp/mambaout-ort-profile"
+    session = ort.InferenceSession(str(onnx_file(reference())), options, providers=["CPUExecutionProvider"])
+    x = torch.randn(args.batch_size, 3, 224, 224).numpy()
+    for _ in range(2 + args.repeats):  # the first two calls are left out as warm-up (below)
+        session.run(None, {session.get_inputs()[0].name: x})
+    written = Path(session.end_profiling())
+    events = json.loads(written.read_text())
+    written.unlink()
+    runs = [e for e in events if e.get("name") == "model_run"]
+    start = runs[2]["ts"] if len(runs) > 2 else 0
+    by_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= start:
+            by_op[e["args"]["op_name"]] += e["dur"]
+    total = sum(by_op.values())
+    print(f"femto, batch {args.batch_size}, 224², {torch.get_num_threads()} threads, our fused graph in ONNX Runtime;")
+    per_call = total / 1e3 / args.repeats
+    print(f"kernel time over {args.repeats} calls after 2 warm-up calls: {per_call:.1f} ms per call\n")
+    print("| operator | share | ms per call |\n|---|---|---|")
+    for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        print(f"| {op} | {100 * us / total:.1f}% | {us / 1e3 / args.repeats:.2f} |")
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
@@ -302,6 +335,7 @@ PROBES = {
     "contention": contention,
     "_contend": _contend,
     "engines": engines,
+    "ort-profile": ort_profile,
 }
 
 

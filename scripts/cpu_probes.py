@@ -5,6 +5,7 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
 
   allocator   timm eager vs ours in fresh processes, glibc's default malloc and tuned, taking turns
   profile     self time per operator kind (torch.profiler), timm eager vs ours, profiled in turns
+  train-profile  self time per operator of one training step, timm's (fused AdamW) vs ours, profiled in turns
   layernorm   F.layer_norm with and without an affine (PyTorch's CPU kernel is slower without)
   ln-fold     ours as built vs ours with the LayerNorm affine folded into fc1 (the earlier form)
   fc1         fc1 as three oneDNN GEMMs (ours) vs one GEMM plus the GELU pass and conv-input copy it then needs
@@ -13,8 +14,11 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   contention  timm and ours beside --load busy processes, in fresh processes per thread count / OpenMP wait policy
   engines     ours in PyTorch, ONNX Runtime and OpenVINO over batch and image sizes (behind backend="auto")
   ort-profile ONNX Runtime's own profile of our fused graph: kernel time per operator type (--batch-size 1: batch 1)
+  ceiling     a model's linears and convs alone, each timed on its own at its shape, against the whole network in
+              timm, ours and every peer engine: how far any path could get past the best peer with these kernels
 
 Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system] [--load N]
+       [--model NAME] (ceiling, train-profile) [--top N] (train-profile)
 """
 
 import argparse
@@ -22,6 +26,7 @@ import copy
 import os
 import subprocess
 import sys
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,7 +37,7 @@ from torch.profiler import ProfilerActivity, profile
 import mambaout
 from mambaout.bench import BenchPath, measure
 from mambaout.bench.harness import busy_processes
-from mambaout.bench.paths import timm_twin
+from mambaout.bench.paths import engine_paths, inference_paths, peer_paths, timm_twin, train_paths
 from mambaout.fast import FusedGatedCNNBlock, KernelSet
 from mambaout.fast.engines import OnnxRuntimeEngine, OpenVINOEngine, onnx_file
 from mambaout.fast.threads import ThreadFitter
@@ -110,6 +115,34 @@ def profile_kinds(args: argparse.Namespace) -> None:
         cells = [f"{table[n][kind]:.0f} ({100 * table[n][kind] / total[n]:.0f}%)" for n in table]
         print(f"| {kind} | {' | '.join(cells)} |")
     print(f"| whole forward | {total['timm eager']:.0f} | {total['ours']:.0f} |")
+
+
+def train_profile(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    ref = mambaout.create_model(args.model)
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    paths = train_paths(ref, args.model, x, torch.float32, micro_batch=None)
+    table = {p.name: defaultdict(float) for p in paths}
+    for p in paths:
+        p.run()
+    for r in range(args.repeats):  # one profiled step per path per round, in turns, so load falls on both alike
+        for p in paths[r % 2 :] + paths[: r % 2]:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                p.run()
+            for event in prof.key_averages():
+                if event.self_cpu_time_total > 0:
+                    table[p.name][event.key] += event.self_cpu_time_total / 1e3 / args.repeats
+    names = list(table)
+    total = {n: sum(ops.values()) for n, ops in table.items()}
+    top = sorted(set().union(*table.values()), key=lambda op: -max(table[n][op] for n in names))[: args.top]
+    print(f"{args.model} training step, batch {args.batch_size}, 224², {torch.get_num_threads()} threads; ")
+    print(f"self CPU ms per step by operator (torch.profiler, {args.repeats} steps each, in turns)\n")
+    print(f"| operator | {' | '.join(names)} |\n|---|{'---|' * len(names)}")
+    for op in top:
+        print(f"| {op} | {' | '.join(f'{table[n][op]:.0f} ({100 * table[n][op] / total[n]:.0f}%)' for n in names)} |")
+    rest = {n: total[n] - sum(table[n][op] for op in top) for n in names}
+    print(f"| everything else | {' | '.join(f'{rest[n]:.0f}' for n in names)} |")
+    print(f"| whole step | {' | '.join(f'{total[n]:.0f}' for n in names)} |")
 
 
 def layernorm(args: argparse.Namespace) -> None:
@@ -323,10 +356,73 @@ def ort_profile(args: argparse.Namespace) -> None:
         print(f"| {op} | {100 * us / total:.1f}% | {us / 1e3 / args.repeats:.2f} |")
 
 
+def _layer_calls(model: torch.nn.Module, x: torch.Tensor) -> list[tuple[torch.nn.Module, torch.Size]]:
+    """Every `nn.Linear` and `nn.Conv2d` call of one forward of `model` on `x`, with its input's shape."""
+    calls = []
+    hooks = [
+        m.register_forward_hook(lambda m, inputs, _: calls.append((m, inputs[0].shape)))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+    ]
+    with torch.inference_mode():
+        model(x)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+def _best_ms(fn, repeats: int) -> float:
+    return 1e3 * min(measure([BenchPath("op", fn)], repeats=repeats, warmup=2, iters=1)[0].latencies_s)
+
+
+def ceiling(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    ref = mambaout.create_model(args.model).eval()
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    plain, onednn = KernelSet(), KernelSet(onednn=True, min_rows=0)
+    floor = defaultdict(float)  # kind -> ms, each op its fastest call alone (warm cache, no other op between)
+    macs = 0
+    with torch.inference_mode():
+        for module, shape in _layer_calls(ref, x):
+            a = torch.randn(shape)
+            if isinstance(module, torch.nn.Linear):
+                a, w, b = a.reshape(-1, shape[-1]), module.weight, module.bias
+                macs += a.shape[0] * w.numel()
+                mkl = _best_ms(lambda a=a, w=w, b=b: plain.linear(a, w, b), args.repeats)
+                dnn = _best_ms(lambda a=a, w=w, b=b: onednn.linear(a, w, b), args.repeats)
+                floor["linears (best of MKL and oneDNN per shape)"] += min(mkl, dnn)
+            else:
+                a = a.contiguous(memory_format=torch.channels_last)
+                w = module.weight.contiguous(memory_format=torch.channels_last)
+                kind = "depthwise convs" if module.groups > 1 else "stem and downsampling convs"
+                floor[kind] += _best_ms(lambda m=module, a=a, w=w: m._conv_forward(a, w, m.bias), args.repeats)
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as folder:
+        paths = inference_paths(ref, args.model, x, torch.float32, False, None, timm_compiled=True)
+        paths += peer_paths(ref, args.model, x, threads, Path(folder)) + engine_paths(ref, x, threads, Path(folder))
+        with torch.inference_mode():
+            results = measure(paths, repeats=args.repeats, warmup=2, iters=1)
+    total = sum(floor.values())
+    print(f"{args.model}, batch {args.batch_size}, 224², {threads} threads; fastest call in ms\n")
+    print("| what | ms | linears + convs / this |\n|---|---|---|")
+    for kind, ms in floor.items():
+        print(f"| {kind} | {ms:.2f} | |")
+    print(f"| **linears + convs alone** ({2 * macs / total / 1e6:.0f} GFLOP/s in the linears) | {total:.2f} | 1.00 |")
+    for r in sorted(results, key=lambda r: min(r.latencies_s)):
+        best = 1e3 * min(r.latencies_s)
+        print(f"| {r.name} (whole network; median {r.quantile_ms(0.5):.2f}) | {best:.2f} | {total / best:.2f} |")
+    best_peer = min((r for r in results if r.peer), key=lambda r: min(r.latencies_s))
+    print(
+        f"\nWith every other operator free and these GEMM and conv kernels, a path would run at most "
+        f"{1e3 * min(best_peer.latencies_s) / total:.2f}x the best peer ({best_peer.name}) by best call."
+    )
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
     "profile": profile_kinds,
+    "train-profile": train_profile,
     "layernorm": layernorm,
     "ln-fold": ln_fold,
     "fc1": fc1,
@@ -336,6 +432,7 @@ PROBES = {
     "_contend": _contend,
     "engines": engines,
     "ort-profile": ort_profile,
+    "ceiling": ceiling,
 }
 
 
@@ -347,6 +444,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="allocator: process pairs (3)")
     parser.add_argument("--malloc", choices=mambaout.fast.allocator.MALLOC_MODES, default="tuned")
     parser.add_argument("--load", type=int, default=1, help="contention: busy processes beside the runs (1)")
+    parser.add_argument("--model", default="mambaout_femto", help="ceiling, train-profile: the variant (femto)")
+    parser.add_argument("--top", type=int, default=20, help="train-profile: operators listed (20)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = parser.parse_args()
     if args.malloc == "tuned":

@@ -114,7 +114,13 @@ def table_rows(text: str) -> dict[str, list[float]]:
         ({"train": True}, ["timm train step", "mambaout train step"]),
         (
             {"train": True, "levers": True},
-            ["timm train step", "mambaout step: fused AdamW only", "+ micro-batches", "+ split linears"],
+            [
+                "timm train step",
+                "mambaout step: fused AdamW only",
+                "+ micro-batches",
+                "+ split linears",
+                "+ compiled depthwise-conv weight gradient",
+            ],
         ),
     ],
 )

@@ -40,21 +40,25 @@ def plain_step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) ->
     return loss.item()
 
 
-@pytest.mark.parametrize("micro_batch", [5, 2, None])
-def test_micro_batched_step_gives_the_whole_batch_update(micro_batch):
+def assert_step_gives_the_plain_update(config: TrainStepConfig, batch: int, size: int) -> None:
+    """One step of `make_train_step` with `config` on a random femto changes the weights as the plain step does."""
     torch.manual_seed(0)
     model = femto()
-    images, targets = torch.randn(5, 3, 64, 64), torch.randint(0, 10, (5,))
+    images, targets = torch.randn(batch, 3, size, size), torch.randint(0, 10, (batch,))
     expected_model = copy.deepcopy(model)
     expected_loss = plain_step(expected_model, images, targets)
 
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    step = make_train_step(model, optimizer, nn.CrossEntropyLoss(), TrainStepConfig(micro_batch=micro_batch))
-    loss = step(images, targets)
+    loss = make_train_step(model, optimizer, nn.CrossEntropyLoss(), config)(images, targets)
     assert loss == pytest.approx(expected_loss, rel=1e-5)
     for (name, p), q in zip(model.named_parameters(), expected_model.parameters(), strict=True):
         assert (p - q).abs().max().item() <= 1e-5 * max(1.0, q.abs().max().item()), name
         assert p.grad is None  # cleared after the step
+
+
+@pytest.mark.parametrize("micro_batch", [5, 2, None])
+def test_micro_batched_step_gives_the_whole_batch_update(micro_batch):
+    assert_step_gives_the_plain_update(TrainStepConfig(micro_batch=micro_batch), batch=5, size=64)
 
 
 def test_fused_adamw_matches_adamw():

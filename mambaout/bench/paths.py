@@ -199,7 +199,8 @@ def train_paths(
     Each path trains its own copy, so the weights drift apart over the repeats; the work per step does not.
     timm runs as its users run it (fp32, or bf16 autocast) with the fused AdamW; ours runs `mambaout.fast.train_step`
     with its default levers for the device, or with `levers` one row per lever added: the fused AdamW alone (whole
-    batch, reference blocks), + cache-sized micro-batches, + split linears.
+    batch, reference blocks), + cache-sized micro-batches, + split linears, + the depthwise conv's compiled weight
+    gradient (`mambaout.fast.dwconv`).
     """
     targets = _targets(model, x)
     twin = timm_twin(model, name).train()
@@ -226,7 +227,8 @@ def train_paths(
         *paths,
         BenchPath("mambaout step: fused AdamW only", ours(micro_batch=whole, split_linears=False)),
         BenchPath("+ micro-batches", ours(micro_batch=micro_batch, split_linears=False)),
-        BenchPath("+ split linears", ours(micro_batch=micro_batch, split_linears=True)),
+        BenchPath("+ split linears", ours(micro_batch=micro_batch, split_linears=True, compiled_conv_grad=False)),
+        BenchPath("+ compiled depthwise-conv weight gradient", ours(micro_batch=micro_batch, split_linears=True)),
     ]
 
 

@@ -15,6 +15,9 @@
   dense channels-last input. Same parameters, same function. Where `select_kernels` measured oneDNN's GEMM faster
   than MKL's on every input (fp32, no autocast: e.g. AMD CPUs with AVX-512, where MKL stays at AVX2), these linears
   and their input gradients run on oneDNN (`OneDNNLinear`; 1.2-1.3× the whole step on the dev machine's Zen 5).
+- The depthwise conv's weight gradient compiled into one vectorised reduction (CPU, fp32, large maps; with split
+  linears): PyTorch's CPU backward gives it to a generic oneDNN kernel at 15× the forward's time
+  (`mambaout.fast.dwconv`).
 - A fused optimizer where the caller builds one (`torch.optim.AdamW(..., fused=True)`; `fused_adamw` does).
 - Threads fitted to the free cores (CPU): a step runs one intra-op thread per core that other processes (the run's
   own data-loader workers among them) leave free, so OpenMP never waits on a taken core (`mambaout.fast.threads`).
@@ -28,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mambaout.fast.dwconv import depthwise_conv
 from mambaout.fast.fused import can_fuse
 from mambaout.fast.kernels import select_kernels
 from mambaout.fast.optimize import micro_batches
@@ -103,8 +107,11 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
 
     `fc1(x)` split into (g, i, c) equals four linears on row slices of `fc1.weight` (g's identity and conv halves,
     i, c), and `fc2(cat(p_i, p_c))` equals `fc2` applied as two column slices, summed. Gradients reach the same
-    `fc1`/`fc2` parameters through the slices. Blocks become this class only inside `split_linear_blocks`.
+    `fc1`/`fc2` parameters through the slices. The depthwise conv's weight gradient is compiled where that pays
+    (`mambaout.fast.dwconv.depthwise_conv`). Blocks become this class only inside `split_linear_blocks`.
     """
+
+    compiled_conv_grad = True  # `split_linear_blocks(..., compiled_conv_grad=False)` turns it off per block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, H, W, C]` -> `[B, H, W, C]`."""
@@ -116,7 +123,9 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
         gate_i = self.act(linear(normed, w1[:ident], b1[:ident]))
         gate_c = self.act(linear(normed, w1[ident:hidden], b1[ident:hidden]))
         prod_i = gate_i * linear(normed, w1[hidden : hidden + ident], b1[hidden : hidden + ident])
-        prod_c = gate_c * self.mixer(linear(normed, w1[hidden + ident :], b1[hidden + ident :]))
+        conv_in = linear(normed, w1[hidden + ident :], b1[hidden + ident :])
+        conv_out = depthwise_conv(self.mixer.conv, conv_in) if self.compiled_conv_grad else self.mixer(conv_in)
+        prod_c = gate_c * conv_out
         if onednn:
             out = linear(prod_i, w2[:, :ident], self.fc2.bias) + linear(prod_c, w2[:, ident:])  # [B, H, W, C]
         else:
@@ -126,19 +135,23 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
 
 
 @contextlib.contextmanager
-def split_linear_blocks(model: nn.Module) -> Iterator[nn.Module]:
+def split_linear_blocks(model: nn.Module, compiled_conv_grad: bool = True) -> Iterator[nn.Module]:
     """Within the block, the model's MambaOut blocks run `SplitLinearGatedCNNBlock.forward` (nothing else changes).
 
     The blocks' class is switched and switched back, so parameters, state dict and optimizer state are untouched.
+    `compiled_conv_grad=False` keeps PyTorch's depthwise-conv backward (to measure what the compiled one gives).
     """
     blocks = [m for m in model.modules() if can_fuse(m) and type(m) is GatedCNNBlock]
     for block in blocks:
         block.__class__ = SplitLinearGatedCNNBlock
+        if not compiled_conv_grad:
+            block.compiled_conv_grad = False
     try:
         yield model
     finally:
         for block in blocks:
             block.__class__ = GatedCNNBlock
+            block.__dict__.pop("compiled_conv_grad", None)
 
 
 @dataclass(frozen=True)
@@ -150,11 +163,14 @@ class TrainStepConfig:
         micro_batch: Images per micro-batch; None picks one from the image size on CPU and runs whole batches on GPU.
         split_linears: Run the blocks as `SplitLinearGatedCNNBlock` (no split/cat copies); None: on the CPU only
             (on a GPU its thinner matrix multiplies cost more than the copies they save: 0.92-0.97× on an H100).
+        compiled_conv_grad: With split linears, the depthwise conv's compiled weight gradient where it applies
+            (`mambaout.fast.dwconv`); False keeps PyTorch's.
     """
 
     amp_dtype: torch.dtype | None = None
     micro_batch: int | None = None
     split_linears: bool | None = None
+    compiled_conv_grad: bool = True
 
     def __post_init__(self) -> None:
         if self.micro_batch is not None and self.micro_batch < 1:
@@ -261,7 +277,7 @@ def make_train_step(
             compute = config.amp_dtype or images.dtype  # as `mambaout train` sizes them
             chunk = auto_train_micro_batch(model, images.shape[-2:], compute) if on_cpu else batch
         split = config.split_linears if config.split_linears is not None else images.device.type == "cpu"
-        with split_linear_blocks(model) if split else contextlib.nullcontext():
+        with split_linear_blocks(model, config.compiled_conv_grad) if split else contextlib.nullcontext():
             total = forward_backward(model, loss_fn, images, targets, chunk, config.amp_dtype)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ from mambaout.fast import AUTO_RULE, BACKENDS, KernelSet, inference_module, opti
 from mambaout.fast import engines as engines_module
 from mambaout.fast import optimize as optimize_module
 from mambaout.fast import threads as threads_module
-from mambaout.fast.engines import OpenVINOEngine, onnx_file
+from mambaout.fast.engines import OnnxRuntimeEngine, OpenVINOEngine, onnx_file
 from mambaout.fast.threads import ThreadFitter
 from mambaout.models import MambaOut
 
@@ -176,6 +176,22 @@ def test_thread_fitter_gives_up_the_cores_others_keep_busy(monkeypatch):
     clock.update(wall=2.1, machine=4.0, own=3.0)  # the other process ended: ours used both cores
     assert fitter.fitted() == 2
     assert ThreadFitter(threads=2, fit=False).fitted() == 2
+
+
+def test_onnxruntime_runs_each_call_on_a_session_with_the_fitted_thread_count(monkeypatch):
+    ref = tiny()
+    engine = OnnxRuntimeEngine(onnx_file(ref), threads=2)
+    images = torch.randn(2, 3, 64, 64)
+    free = {"cores": None}
+    monkeypatch.setattr(engine.fitter, "free_cores", lambda: free["cores"])
+    quiet = engine(images)
+    free["cores"] = 1  # another process took a core
+    loaded = engine(images)
+    assert sorted(engine._sessions) == [1, 2]
+    assert [s.get_session_options().intra_op_num_threads for _, s in sorted(engine._sessions.items())] == [1, 2]
+    with torch.no_grad():
+        expected = ref(images)
+    assert max_diff(quiet, expected) <= ATOL and max_diff(loaded, expected) <= ATOL
 
 
 def test_thread_fitter_restores_the_thread_count():

@@ -6,7 +6,8 @@ in them, as peers). Both are optional: ONNX Runtime comes with the `export` extr
 - The ONNX file is the fused inference graph written and verified by `mambaout.export.export_model` (verified
   against the reference model to 1e-4), cached under `<cache>/onnx/` by a hash of the architecture and weights,
   written atomically, so a model is exported once per machine.
-- ONNX Runtime: one session with the CPU provider, any batch and image size.
+- ONNX Runtime: a session with the CPU provider (one per thread count, fitted to the free cores per call), any
+  batch and image size.
 - OpenVINO: compiled once per input shape (static shapes run 1.2-1.4× faster than the dynamic graph on the dev
   machine), with fp32 inference forced: on CPUs with AVX-512-BF16 or AMX its default precision is bf16, which
   differs from the reference by ~1e-2. The latency hint runs one request on every thread; the throughput hint runs
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from mambaout.errors import UserError
+from mambaout.fast.threads import ThreadFitter
 
 __all__ = [
     "ENGINES",
@@ -130,25 +132,41 @@ def _images_array(x: torch.Tensor) -> np.ndarray:
 class OnnxRuntimeEngine:
     """An ONNX file in ONNX Runtime (CPU provider): `[B, 3, H, W]` images -> outputs, any batch and size.
 
+    Each call runs with one intra-op thread per core other processes leave free (`mambaout.fast.threads`), as the
+    PyTorch path does: ONNX Runtime's pool splits each operator evenly too, and with one of two cores taken its
+    2-thread session ran femto at batch 1 2× slower than a 1-thread one (57 against 29 ms, median; BENCHMARKS.md).
+    A session is made for each thread count on first use (its own copy of the weights).
+
     Args:
         path: The ONNX file (one input, one output).
-        threads: Intra-op threads.
+        threads: The most intra-op threads.
     """
 
     name = "onnxruntime"
 
     def __init__(self, path: Path, threads: int):
         require_engine(self.name)
-        import onnxruntime as ort
+        self.path, self.threads = path, threads
+        self.fitter = ThreadFitter(threads)
+        self._sessions: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self.input_name = self._session(threads).get_inputs()[0].name
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
+    def _session(self, threads: int) -> object:
+        with self._lock:
+            if threads not in self._sessions:
+                import onnxruntime as ort
+
+                options = ort.SessionOptions()
+                options.intra_op_num_threads = threads
+                self._sessions[threads] = ort.InferenceSession(
+                    str(self.path), options, providers=["CPUExecutionProvider"]
+                )
+            return self._sessions[threads]
 
     def run(self, images: np.ndarray) -> np.ndarray:
         """fp32 NCHW array -> the first output."""
-        return self.session.run(None, {self.input_name: images})[0]
+        return self._session(self.fitter.fitted()).run(None, {self.input_name: images})[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` images (any float dtype, CPU) -> fp32 outputs as a tensor."""

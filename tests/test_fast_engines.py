@@ -4,6 +4,7 @@ free cores; the ONNX file is exported once per weights. Results within 1e-4 of t
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from train_fixtures import write_image
 import mambaout
 from mambaout.cli import main
 from mambaout.errors import UserError
-from mambaout.fast import AUTO_RULE, BACKENDS, KernelSet, inference_module, optimize_for_inference
+from mambaout.fast import AUTO_RULE, AUTO_TRIALS, BACKENDS, KernelSet, inference_module, optimize_for_inference
 from mambaout.fast import engines as engines_module
 from mambaout.fast import optimize as optimize_module
 from mambaout.fast import threads as threads_module
@@ -50,27 +51,50 @@ def test_every_backend_matches_the_reference(backend):
         images = torch.randn(shape)
         with torch.inference_mode():
             assert max_diff(fast(images), ref(images)) <= ATOL
-        expected = backend if backend in ("onnxruntime", "openvino") else fast.backend_for(images)
-        assert fast.backend_for(images) == expected
+            if backend == "auto":
+                chosen = fast.tune(images)  # every candidate has now run this shape
+                assert fast.tuner.chosen(shape) == chosen == fast.backend_for(images)
+                assert max_diff(fast(images), ref(images)) <= ATOL
+            else:
+                assert fast.backend_for(images) == backend
     if backend == "torch":
-        assert fast.engine is None and fast.describe_backend() == "torch"
+        assert fast.engine is None and fast.tuner is None and fast.describe_backend() == "torch"
 
 
-def test_auto_routes_small_calls_to_the_engine():
+def test_auto_times_each_backend_on_a_new_shape_then_keeps_the_fastest(monkeypatch):
     ref = tiny()
     fast = optimize_for_inference(ref)
-    assert fast.auto_engine and fast.engine is None  # exported on the first call that goes to the engine
+    assert fast.auto_engine and not fast.engines  # exported on the first call that goes to an engine
+    candidates = fast.tuner.candidates
+    assert candidates[0] == "torch" and AUTO_RULE.engine in candidates
     small, large = torch.randn(2, 3, 64, 64), torch.randn(1, 3, 288, 256)
     assert AUTO_RULE.routes(small.shape) and not AUTO_RULE.routes(large.shape)
-    assert fast.backend_for(small) == AUTO_RULE.engine and fast.backend_for(large) == "torch"
-    assert AUTO_RULE.engine in fast.describe_backend()
+    assert fast.backend_for(small) == AUTO_RULE.engine and fast.backend_for(large) == "torch"  # the first tries
+    winner = candidates[-1]  # every other backend is made slower by 50 ms a call
+    real_run, calls = fast._run_on, []
+
+    def run_on(backend, x):
+        calls.append(backend)
+        if backend != winner:
+            time.sleep(0.05)
+        return real_run(backend, x)
+
+    monkeypatch.setattr(fast, "_run_on", run_on)
+    order = [AUTO_RULE.engine, *(c for c in candidates if c != AUTO_RULE.engine)]
     with torch.inference_mode():
-        assert max_diff(fast(large), ref(large)) <= ATOL and fast.engine is None
-        assert max_diff(fast(small), ref(small)) <= ATOL and fast.engine.name == AUTO_RULE.engine
+        for _ in range(len(candidates) * AUTO_TRIALS):
+            assert max_diff(fast(small), ref(small)) <= ATOL
+        assert calls == [c for c in order for _ in range(AUTO_TRIALS)]  # each backend's tries in a row
+        assert fast.tuner.chosen(small.shape) == winner == fast.backend_for(small)
+        assert max_diff(fast(small), ref(small)) <= ATOL and calls[-1] == winner
+        assert fast.tune(large) == winner and calls[len(candidates) * AUTO_TRIALS + 1] == "torch"
+    assert f"2x3x64x64: {winner} (fastest calls: " in fast.describe_backend()
+    assert set(fast.engines) == set(candidates) - {"torch"}
     # options only PyTorch has keep auto on PyTorch
     for options in ({"micro_batch": 2}, {"kernels": KernelSet()}, {"dtype": torch.bfloat16}):
         kept = optimize_for_inference(ref, **options)
-        assert not kept.auto_engine and kept.backend_for(small) == "torch" and "torch" in kept.describe_backend()
+        assert not kept.auto_engine and kept.tuner is None
+        assert kept.backend_for(small) == "torch" and "torch" in kept.describe_backend()
 
 
 def test_auto_falls_back_to_torch_when_the_engine_cannot_be_built(monkeypatch):
@@ -83,6 +107,8 @@ def test_auto_falls_back_to_torch_when_the_engine_cannot_be_built(monkeypatch):
     with torch.inference_mode(), pytest.warns(RuntimeWarning, match="stays on torch: UserError: cannot write"):
         assert max_diff(fast(images), ref(images)) <= ATOL
     assert fast.backend_for(images) == "torch" and "torch" in fast.describe_backend()
+    with torch.inference_mode():
+        assert fast.tune(images) == "torch"  # and the shape is measured on torch alone
 
 
 def test_auto_stays_on_torch_where_onnx_cannot_hold_the_model():

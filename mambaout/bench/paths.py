@@ -89,7 +89,8 @@ def inference_paths(
     autocast_tag = "" if dtype == torch.float32 else " bf16 autocast"
     fast = optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch)
     default = micro_batch is None and dtype == torch.float32
-    note = f"optimize_for_inference, backend {fast.backend!r}: {fast.backend_for(x)} at this shape"
+    chosen = fast.tune(x)  # auto: its timed first calls of this shape happen here, not among the timed calls
+    note = f"optimize_for_inference, backend {fast.backend!r}: {chosen} at this shape"
     paths = [
         BenchPath(
             f"timm eager{autocast_tag}", _infer(twin, x, dtype), baseline=True, peer=True, note="timm.create_model"
@@ -266,7 +267,9 @@ def mixer_paths(
         if train:
             run = _our_train_step(model, x, _targets(model, x), dtype, micro_batch=micro_batch)
         else:
-            run = _infer(optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch), x)
+            fast = optimize_for_inference(model, dtype=dtype, micro_batch=micro_batch)
+            fast.tune(x)
+            run = _infer(fast, x)
         what = "training step" if train else "optimize_for_inference"
         paths.append(BenchPath(mixer, run, baseline=i == 0, note=f"token_mixer={mixer!r}, {what}", params=params,
                                macs=macs))  # fmt: skip

@@ -5,6 +5,7 @@ from mambaout.fast.fused import FusedGatedCNNBlock
 from mambaout.fast.kernels import REFERENCE_ENV, KernelSet, select_kernels
 from mambaout.fast.optimize import (
     AUTO_RULE,
+    AUTO_TRIALS,
     BACKENDS,
     FastMambaOut,
     auto_micro_batch,
@@ -15,6 +16,7 @@ from mambaout.fast.optimize import (
 
 __all__ = [
     "AUTO_RULE",
+    "AUTO_TRIALS",
     "BACKENDS",
     "REFERENCE_ENV",
     "FastMambaOut",

@@ -9,12 +9,14 @@ The result computes the reference function (held to it by `tests/test_fast.py`) 
   first stages, so that their large activations stay in cache, many in the last, so that their GEMMs are tall.
 
 Its `backend` says what runs a call: "torch" (the above), "onnxruntime" or "openvino" (the same fused graph
-exported to ONNX and verified, `mambaout.fast.engines`), or "auto", which picks one per call from the input's
-shape (`AUTO_RULE`). `backend_for(x)` tells which one a call on `x` takes.
+exported to ONNX and verified, `mambaout.fast.engines`), or "auto", which runs each new input shape's first calls
+on every backend in turn, timing them, and keeps the fastest for that shape (`AutoTuner`; `AUTO_RULE` orders the
+first tries). `backend_for(x)` tells which one a call on `x` takes.
 """
 
 import copy
 import threading
+import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +34,9 @@ from mambaout.models import MambaOut
 
 __all__ = [
     "AUTO_RULE",
+    "AUTO_TRIALS",
     "BACKENDS",
+    "AutoTuner",
     "FastMambaOut",
     "auto_micro_batch",
     "inference_module",
@@ -53,7 +57,8 @@ LIVE_VALUES_PER_CHANNEL = 7
 
 @dataclass(frozen=True)
 class AutoRule:
-    """Where `backend="auto"` sends a call: small calls to an engine, the rest to PyTorch.
+    """Where `backend="auto"` tries a new input shape first: small calls on an engine, the rest in PyTorch (before
+    `AutoTuner` has timed every backend on it; a single call of a shape runs only there).
 
     Why (BENCHMARKS.md, issue 14; `python scripts/cpu_probes.py engines`): a PyTorch forward pays a fixed cost per
     call, the dispatch of its ~400 operators (~5 ms for femto on the dev machine's Zen 5, 1 thread), which the
@@ -80,6 +85,79 @@ class AutoRule:
 
 AUTO_RULE = AutoRule()
 _ENGINE_LOCK = threading.Lock()
+# calls of each backend `auto` times on a new input shape; the fastest of them counts (an engine's first call on a
+# shape includes compiling it: OpenVINO compiles per shape)
+AUTO_TRIALS = 2
+
+
+class AutoTuner:
+    """Which backend `backend="auto"` runs for each input shape, measured: the first calls of a shape go to each
+    candidate in turn (`AUTO_RULE`'s pick first), `trials` in a row, timed; from then on the shape runs on the one
+    whose fastest call was fastest. Every backend computes the same function (within 1e-4), so the timed calls are real
+    calls, not extra work.
+
+    Why measure: which engine is fastest depends on the CPU, the shape and the load. On the dev machines OpenVINO's
+    throughput streams ran femto at batch 32 1.07× faster than our PyTorch path on an AMD Zen 4 and 0.82× on an Intel
+    Xeon; ONNX Runtime led at 64² single images, OpenVINO at 224² (BENCHMARKS.md).
+
+    Args:
+        candidates: The backends to choose among ("torch" and the engines that can run the model here).
+        trials: Timed calls per candidate and shape.
+    """
+
+    def __init__(self, candidates: Sequence[str], trials: int = AUTO_TRIALS):
+        self.candidates = tuple(candidates)
+        self.trials = trials
+        self._times: dict[tuple[int, ...], dict[str, list[float]]] = {}
+        self._chosen: dict[tuple[int, ...], str] = {}
+        self._lock = threading.Lock()
+
+    def next(self, shape: Sequence[int]) -> str:
+        """The backend a call on images of `shape` runs: the chosen one, or the next candidate to time."""
+        shape = tuple(shape)
+        with self._lock:
+            if shape in self._chosen:
+                return self._chosen[shape]
+            first = AUTO_RULE.engine if AUTO_RULE.routes(shape) else "torch"
+            times = self._times.get(shape, {})
+            # each candidate's tries in a row: a backend's first call can be slowed by the previous one's threads,
+            # which spin on after a call (ONNX Runtime's pool, OpenMP's), its next call not
+            return next(
+                c for c in sorted(self.candidates, key=lambda c: c != first) if len(times.get(c, ())) < self.trials
+            )
+
+    def chosen(self, shape: Sequence[int]) -> str | None:
+        """The backend kept for `shape`, or None while it is still being measured."""
+        with self._lock:
+            return self._chosen.get(tuple(shape))
+
+    def record(self, shape: Sequence[int], backend: str, seconds: float) -> None:
+        """Count one timed call; once every candidate has `trials`, keep the fastest for `shape`."""
+        shape = tuple(shape)
+        with self._lock:
+            if shape in self._chosen or backend not in self.candidates:
+                return
+            times = self._times.setdefault(shape, {})
+            times.setdefault(backend, []).append(seconds)
+            if all(len(times.get(c, ())) >= self.trials for c in self.candidates):
+                self._chosen[shape] = min(self.candidates, key=lambda c: min(times[c]))
+
+    def keep_only_torch(self) -> None:
+        """Drop the engines (they cannot be built here): every shape runs in PyTorch from now on."""
+        with self._lock:
+            self.candidates = ("torch",)
+            self._chosen = {shape: "torch" for shape in self._times | self._chosen}
+
+    def describe(self) -> str:
+        """The candidates, and what was kept for each shape measured so far, with each candidate's fastest call."""
+        with self._lock:
+            text = f"the fastest of {', '.join(self.candidates)} for each input shape, timed on its first calls"
+            for shape, backend in self._chosen.items():
+                times = self._times.get(shape, {})
+                best = ", ".join(f"{c} {1e3 * min(t):.1f} ms" for c, t in times.items() if t)
+                size = "x".join(map(str, shape))
+                text += f"; {size}: {backend}" + (f" (fastest calls: {best})" if best else "")
+        return text
 
 
 def auto_micro_batch(model: MambaOut, image_size: tuple[int, int], dtype: torch.dtype) -> list[int]:
@@ -135,9 +213,10 @@ class FastMambaOut(nn.Module):
         compile: Run `forward` through `torch.compile` with weight freezing (in micro-batches of the first stage's
             size: the compiled graph is the whole network).
         backend: One of `BACKENDS` (see the module's docstring).
-        engine: The engine that "onnxruntime"/"openvino" run calls on, built already; for "auto", None (built on
-            the first call `AUTO_RULE` routes to it, from the fused model's verified export).
-        auto_engine: Whether "auto" may route to `AUTO_RULE.engine` (False where it cannot run this model).
+        engine: The engine that "onnxruntime"/"openvino" run calls on, built already; for "auto", None (auto's
+            engines are built on their first call, from the fused model's verified export, into `engines`).
+        auto_engine: Whether "auto" may run calls on the engines (False where they cannot run this model: then
+            every call stays in PyTorch).
     """
 
     def __init__(
@@ -161,33 +240,49 @@ class FastMambaOut(nn.Module):
         self.backend = backend
         self.engine = engine
         self.auto_engine = auto_engine
+        self.engines: dict[str, OnnxRuntimeEngine | OpenVINOEngine] = {}  # auto's, by name
+        candidates = ("torch", *(name for name in ENGINES if engine_installed(name)))
+        self.tuner = AutoTuner(candidates) if backend == "auto" and auto_engine else None
         # CPU calls run one thread per core that other processes leave free (`mambaout.fast.threads`)
         self.threads = ThreadFitter()
 
     def backend_for(self, x: torch.Tensor) -> str:
-        """What a `forward` on images `x` runs on: "torch" or the engine's name ("onnxruntime", "openvino")."""
-        if x.device.type != "cpu" or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        """What a `forward` on images `x` runs on: "torch" or the engine's name ("onnxruntime", "openvino"); under
+        "auto" while `x`'s shape is still being measured, the backend its next call tries."""
+        if not _engines_may_run(x):
             return "torch"
         if self.backend in ENGINES:
             return self.backend
-        if self.backend == "auto" and self.auto_engine and AUTO_RULE.routes(x.shape):
-            return AUTO_RULE.engine
+        if self.tuner is not None:
+            return self.tuner.next(x.shape)
         return "torch"
 
     def describe_backend(self) -> str:
         """The backend in words, for a command's output: what was asked and what runs."""
         if self.backend != "auto":
             return self.backend
-        if not self.auto_engine:
-            return "auto: torch (no engine for this model, dtype, device or options)"
-        return f"auto: {AUTO_RULE.describe()}"
+        if self.tuner is None or not self.auto_engine:
+            return "auto: torch (no engine for this model, dtype, device or options, or none could be built here)"
+        return f"auto: {self.tuner.describe()}"
 
-    def _engine_for_auto(self) -> OnnxRuntimeEngine | OpenVINOEngine | None:
-        """The auto engine, built on first use; None (and torch from then on) when it cannot be built here."""
+    def tune(self, x: torch.Tensor) -> str:
+        """Run `forward` on `x` until "auto" has chosen a backend for its shape (at most `AUTO_TRIALS` calls per
+        backend), so that later calls are all on that one; returns it. A benchmark calls this before timing."""
+        with torch.no_grad():
+            while self._measuring(x):
+                self(x)
+        return self.backend_for(x)
+
+    def _measuring(self, x: torch.Tensor) -> bool:
+        """True when a call on `x` is one of auto's timed tries of its shape."""
+        return self.tuner is not None and _engines_may_run(x) and self.tuner.chosen(x.shape) is None
+
+    def _engine_for_auto(self, name: str) -> OnnxRuntimeEngine | OpenVINOEngine | None:
+        """Auto's engine `name`, built on first use; None (and torch from then on) when it cannot be built here."""
         with _ENGINE_LOCK:  # one export and session, whichever thread calls first
-            if self.engine is None and self.auto_engine:
+            if name not in self.engines and self.auto_engine:
                 try:
-                    self.engine = _engine(self.model, AUTO_RULE.engine, torch.get_num_threads())
+                    self.engines[name] = _engine(self.model, name, torch.get_num_threads())
                 except (
                     UserError,
                     OSError,
@@ -195,8 +290,9 @@ class FastMambaOut(nn.Module):
                     RuntimeError,
                 ) as e:  # no room, read-only cache, a broken install
                     self.auto_engine = False
-                    warnings.warn(f"backend auto stays on torch: {describe(e)}", RuntimeWarning, stacklevel=3)
-        return self.engine
+                    self.tuner.keep_only_torch()
+                    warnings.warn(f"backend auto stays on torch: {describe(e)}", RuntimeWarning, stacklevel=4)
+        return self.engines.get(name) if self.auto_engine else None
 
     # the reference model's description, read through (not copied) from the fused model
     @property
@@ -245,8 +341,18 @@ class FastMambaOut(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` images -> logits `[B, num_classes]`: on the engine `backend_for(x)` names, or in PyTorch
         with each stage run in micro-batches."""
-        if self.backend_for(x) != "torch":
-            engine = self.engine if self.backend in ENGINES else self._engine_for_auto()
+        backend = self.backend_for(x)
+        if not self._measuring(x):
+            return self._run_on(backend, x)
+        start = time.perf_counter()
+        out = self._run_on(backend, x)
+        if self.auto_engine or backend == "torch":  # not an engine's call that fell back to torch
+            self.tuner.record(x.shape, backend, time.perf_counter() - start)
+        return out
+
+    def _run_on(self, backend: str, x: torch.Tensor) -> torch.Tensor:
+        if backend != "torch":
+            engine = self.engine if self.backend in ENGINES else self._engine_for_auto(backend)
             if engine is not None:
                 return engine(x).to(x.dtype)
         if x.device.type != "cpu":
@@ -295,6 +401,11 @@ class FastMambaOut(nn.Module):
         return block.kernels if block is not None else KernelSet()
 
 
+def _engines_may_run(x: torch.Tensor) -> bool:
+    """Whether a call on `x` may leave PyTorch: CPU images, not inside a trace or a `torch.compile`."""
+    return x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+
+
 def _engine(model: MambaOut, name: str, threads: int) -> OnnxRuntimeEngine | OpenVINOEngine:
     """Engine `name` on `model`'s verified fused ONNX export (exported once per weights, `engines.onnx_file`);
     `model` may be the reference or its fused copy (the export writes the same fused graph from either)."""
@@ -324,10 +435,11 @@ def optimize_for_inference(
         kernels: The fused blocks' kernels on CPU; default `select_kernels(device, dtype)`. `KernelSet()` forces
             the composed ops; `dataclasses.replace(select_kernels(...), min_rows=0)` uses oneDNN on every input.
         backend: What runs `forward`: "torch"; "onnxruntime" or "openvino" (fp32 on the CPU: the model is exported
-            to ONNX, verified, and cached); or "auto" (the default), which sends small calls to ONNX Runtime and
-            the rest to torch (`AUTO_RULE`; the export happens on the first small call). "auto" stays on torch for
-            options only torch has (`micro_batch`, `compile`, `kernels`), off the CPU, for bf16, for models ONNX
-            cannot hold (the SSM mixer) and when onnxruntime is not installed.
+            to ONNX, verified, and cached); or "auto" (the default), which times the first calls of each input
+            shape on torch and on each installed engine and keeps the fastest for that shape (`AutoTuner`; the
+            export happens on the first call that goes to an engine). "auto" stays on torch for options only torch
+            has (`micro_batch`, `compile`, `kernels`), off the CPU, for bf16, for models ONNX cannot hold (the SSM
+            mixer) and when onnxruntime is not installed.
 
     Returns:
         A `FastMambaOut` in eval mode: NCHW images in, logits out; `forward_features`, `forward_head` and

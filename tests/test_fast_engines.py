@@ -82,8 +82,10 @@ def test_auto_times_each_backend_on_a_new_shape_then_keeps_the_fastest(monkeypat
     monkeypatch.setattr(fast, "_run_on", run_on)
     order = [AUTO_RULE.engine, *(c for c in candidates if c != AUTO_RULE.engine)]
     with torch.inference_mode():
-        for _ in range(len(candidates) * AUTO_TRIALS):
+        for i in range(len(candidates) * AUTO_TRIALS):
             assert max_diff(fast(small), ref(small)) <= ATOL
+            if i == 0:
+                assert f"2x3x64x64: still measuring (fastest calls: {AUTO_RULE.engine} " in fast.describe_backend()
         assert calls == [c for c in order for _ in range(AUTO_TRIALS)]  # each backend's tries in a row
         assert fast.tuner.chosen(small.shape) == winner == fast.backend_for(small)
         assert max_diff(fast(small), ref(small)) <= ATOL and calls[-1] == winner

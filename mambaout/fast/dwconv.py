@@ -15,10 +15,11 @@ the block convs' backward passes together were a fifth of the CPU training step 
   generic kernel at femto's shapes on the dev machine (stage 1: 0.2 ms per image in pieces of one, against
   0.6 ms in pieces of 16 and 1.1 ms through oneDNN).
 
-Compilation takes a few seconds per shape and thread count, so only convs with at least `MIN_WORK` elements per
-call use it (the step's large-map micro-batches; small maps, as in the digits default, keep PyTorch's backward),
-and where it cannot compile (no C++ compiler, an unsupported PyTorch) the weight gradient falls back to PyTorch's,
-with one warning. `MAMBAOUT_FAST_REFERENCE=1` keeps PyTorch's backward everywhere.
+Compilation takes a few seconds per shape and thread count (inductor sizes its per-thread buffers when it compiles,
+so a step that drops to one thread when another process takes a core builds its kernels again, once), so only convs
+with at least `MIN_WORK` elements per call use it (the step's large-map micro-batches; small maps, as in the digits
+default, keep PyTorch's backward), and where it cannot compile (no C++ compiler, an unsupported PyTorch) the weight
+gradient falls back to PyTorch's, with one warning. `MAMBAOUT_FAST_REFERENCE=1` keeps PyTorch's backward everywhere.
 """
 
 import functools

@@ -68,19 +68,16 @@ class AutoRule:
     ONNX Runtime rather than OpenVINO: about as fast, with no compilation per input shape (OpenVINO's 0.2-0.3 s).
 
     Attributes:
-        engine: The engine small calls go to.
-        max_pixels: Calls of at most this many pixels (batch × height × width) go to it.
+        engine: The engine small calls try first.
+        max_pixels: Calls of at most this many pixels (batch × height × width) try it first.
     """
 
     engine: str = "onnxruntime"
     max_pixels: int = 65536
 
     def routes(self, shape: Sequence[int]) -> bool:
-        """True when a call on images of `shape` `[B, 3, H, W]` goes to the engine."""
+        """True when a call on images of `shape` `[B, 3, H, W]` tries the engine first."""
         return shape[0] * shape[-2] * shape[-1] <= self.max_pixels
-
-    def describe(self) -> str:
-        return f"{self.engine} for calls of at most {self.max_pixels} pixels (batch x height x width), torch above"
 
 
 AUTO_RULE = AutoRule()
@@ -149,14 +146,14 @@ class AutoTuner:
             self._chosen = {shape: "torch" for shape in self._times | self._chosen}
 
     def describe(self) -> str:
-        """The candidates, and what was kept for each shape measured so far, with each candidate's fastest call."""
+        """The candidates, and for each shape met so far what was kept (or that it is still being measured), with
+        each candidate's fastest call."""
         with self._lock:
             text = f"the fastest of {', '.join(self.candidates)} for each input shape, timed on its first calls"
-            for shape, backend in self._chosen.items():
-                times = self._times.get(shape, {})
-                best = ", ".join(f"{c} {1e3 * min(t):.1f} ms" for c, t in times.items() if t)
-                size = "x".join(map(str, shape))
-                text += f"; {size}: {backend}" + (f" (fastest calls: {best})" if best else "")
+            for shape in self._times | self._chosen:
+                best = ", ".join(f"{c} {1e3 * min(t):.1f} ms" for c, t in self._times.get(shape, {}).items() if t)
+                kept = self._chosen.get(shape, "still measuring")
+                text += f"; {'x'.join(map(str, shape))}: {kept}" + (f" (fastest calls: {best})" if best else "")
         return text
 
 

@@ -67,8 +67,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> tuple[
 @functools.lru_cache(maxsize=64)
 def compiled_weight_grad(shape: tuple[int, ...], kernel_size: int, threads: int):
     """`weight_grad` compiled by inductor for fp32 `[B, H, W, C]` inputs of `shape` (contiguous), or None where it
-    cannot be compiled here (warned once). `threads` is part of the key: inductor fixes the OpenMP thread count of
-    its kernels when it compiles them, and the training step fits its threads to the free cores."""
+    cannot be compiled here (warned once). `threads` is part of the key: inductor sizes its kernels' per-thread
+    reduction buffers when it compiles them, and the training step fits its threads to the free cores."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
     examples = [torch.zeros(shape), torch.zeros(shape)]

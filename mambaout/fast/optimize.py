@@ -132,28 +132,22 @@ class AutoTuner:
         """Count one timed call; once every candidate has `trials`, keep the fastest for `shape`."""
         shape = tuple(shape)
         with self._lock:
-            if shape in self._chosen or backend not in self.candidates:
+            if shape in self._chosen:
                 return
             times = self._times.setdefault(shape, {})
             times.setdefault(backend, []).append(seconds)
             if all(len(times.get(c, ())) >= self.trials for c in self.candidates):
                 self._chosen[shape] = min(self.candidates, key=lambda c: min(times[c]))
 
-    def keep_only_torch(self) -> None:
-        """Drop the engines (they cannot be built here): every shape runs in PyTorch from now on."""
-        with self._lock:
-            self.candidates = ("torch",)
-            self._chosen = {shape: "torch" for shape in self._times | self._chosen}
-
     def describe(self) -> str:
         """The candidates, and for each shape met so far what was kept (or that it is still being measured), with
         each candidate's fastest call."""
         with self._lock:
             text = f"the fastest of {', '.join(self.candidates)} for each input shape, timed on its first calls"
-            for shape in self._times | self._chosen:
-                best = ", ".join(f"{c} {1e3 * min(t):.1f} ms" for c, t in self._times.get(shape, {}).items() if t)
+            for shape, times in self._times.items():  # a shape is kept only after its calls were timed
+                best = ", ".join(f"{c} {1e3 * min(t):.1f} ms" for c, t in times.items())
                 kept = self._chosen.get(shape, "still measuring")
-                text += f"; {'x'.join(map(str, shape))}: {kept}" + (f" (fastest calls: {best})" if best else "")
+                text += f"; {'x'.join(map(str, shape))}: {kept} (fastest calls: {best})"
         return text
 
 
@@ -258,7 +252,7 @@ class FastMambaOut(nn.Module):
         """The backend in words, for a command's output: what was asked and what runs."""
         if self.backend != "auto":
             return self.backend
-        if self.tuner is None or not self.auto_engine:
+        if self.tuner is None:
             return "auto: torch (no engine for this model, dtype, device or options, or none could be built here)"
         return f"auto: {self.tuner.describe()}"
 
@@ -286,8 +280,7 @@ class FastMambaOut(nn.Module):
                     ImportError,
                     RuntimeError,
                 ) as e:  # no room, read-only cache, a broken install
-                    self.auto_engine = False
-                    self.tuner.keep_only_torch()
+                    self.auto_engine, self.tuner = False, None  # every shape on torch from now on
                     warnings.warn(f"backend auto stays on torch: {describe(e)}", RuntimeWarning, stacklevel=4)
         return self.engines.get(name) if self.auto_engine else None
 
@@ -343,7 +336,7 @@ class FastMambaOut(nn.Module):
             return self._run_on(backend, x)
         start = time.perf_counter()
         out = self._run_on(backend, x)
-        if self.auto_engine or backend == "torch":  # not an engine's call that fell back to torch
+        if self.tuner is not None:  # (None now when the engine could not be built and the call ran on torch)
             self.tuner.record(x.shape, backend, time.perf_counter() - start)
         return out
 

@@ -1,9 +1,9 @@
-"""The selective scan's speed: the chunked scan (the default) against the sequential definition, same inputs.
+"""The selective scan's speed: the fused kernel (the default) and the chunked scan against the sequential definition.
 
     python scripts/scan_bench.py [--lengths 196 3136] [--batch 8] [--channels 96] [--state 16] [--repeats 5]
 
-For each length, forward and forward+backward (every input requiring grad, Mamba's Δ bias and softplus, D) are
-timed interleaved through the benchmark harness (`mambaout.bench.measure`) in one process, after
+For each length, forward and forward+backward (every input requiring grad, Mamba's Δ bias and softplus, D) of
+each method are timed interleaved through the benchmark harness (`mambaout.bench.measure`) in one process, after
 `tune_cpu_allocator()` as `mambaout bench` does; it prints a Markdown table with the machine, date and load.
 """
 
@@ -51,26 +51,29 @@ def main(argv: list[str] | None = None) -> int:
     tune_cpu_allocator()
     machine = machine_summary()
     lines = [
-        f"### Selective scan, chunked vs sequential: batch {args.batch}, {args.channels} channels, "
+        f"### Selective scan, fused and chunked vs sequential: batch {args.batch}, {args.channels} channels, "
         f"N = {args.state}, fp32",
         "",
         f"- command: `python scripts/scan_bench.py {shlex.join(sys.argv[1:] if argv is None else argv)}`".rstrip(),
         f"- machine: {machine['cpu']}; torch {machine['torch']}, {machine['threads']} threads; {machine['allocator']}",
         f"- date: {machine['date']}; load average (1/5/15 min) before {machine['load']}",
-        f"- {args.repeats} timed calls per path, interleaved with the other method's; medians",
+        f"- {args.repeats} timed calls per path, interleaved with the other methods'; medians",
         "",
-        "| L | pass | sequential (ms) | chunked (ms) | × sequential |",
-        "|---|---|---|---|---|",
+        "| L | pass | sequential (ms) | chunked (ms) | fused (ms) | chunked × sequential | fused × sequential |",
+        "|---|---|---|---|---|---|---|",
     ]
     for length in args.lengths:
         for backward in (False, True):
             paths = [
                 BenchPath(method, scan_call(args.batch, args.channels, args.state, length, method, backward))
-                for method in ("sequential", "chunked")
+                for method in ("sequential", "chunked", "fused")
             ]
-            seq, chunked = (r.quantile_ms(0.5) for r in measure(paths, args.repeats))
+            seq, chunked, fused = (r.quantile_ms(0.5) for r in measure(paths, args.repeats))
             kind = "forward + backward" if backward else "forward"
-            lines.append(f"| {length} | {kind} | {seq:.1f} | {chunked:.1f} | {seq / chunked:.2f} |")
+            lines.append(
+                f"| {length} | {kind} | {seq:.1f} | {chunked:.1f} | {fused:.1f} | {seq / chunked:.2f} | "
+                f"{seq / fused:.2f} |"
+            )
     lines += ["", f"- load average after: {load_average()}"]
     print("\n".join(lines))
     return 0

@@ -1,4 +1,4 @@
-"""Mamba's selective scan (S6) in pure PyTorch: the sequential definition and a chunked scan computing the same.
+"""Mamba's selective scan (S6): the sequential definition, a chunked scan in PyTorch ops, and a fused CPU kernel.
 
 Per channel d and state n, over positions t (Mamba's zero-order-hold discretisation, with Δ = softplus(Δ + bias)
 when asked):
@@ -7,10 +7,14 @@ when asked):
 
 Shapes follow the reference `selective_scan_fn` of the Mamba repository: `u`, `Δ` `[batch, D, L]`, `A` `[D, N]`,
 `B`, `C` `[batch, N, L]` (or `[batch, G, N, L]`: the D channels in G equal groups, each with its own B and C),
-`D` and the Δ bias `[D]`.
+`D` and the Δ bias `[D]`. Two extensions serve the cross-scan: `u` may be `[batch, D/G, L]`, one input for every
+group, and `positions` `[G, L]` gives the order in which each group visits the tokens (every sequence stays in token
+order; nothing is copied per order).
 
-`method="sequential"` is the definition, one position at a time (the test oracle). `method="chunked"` (the
-default) cuts the sequence into chunks of T ≈ √(L/4) positions and runs three passes, each over every chunk at
+`method="fused"` (the default) is the C++ kernel of `scan_fused` (one pass per channel, the states in registers,
+built on first use; on CUDA, for more than 64 states or without a compiler it falls back to the chunked scan).
+`method="sequential"` is the definition, one position at a time (the test oracle). `method="chunked"` cuts the
+sequence into chunks of T ≈ √(L/4) positions and runs three passes, each over every chunk at
 once: the chunks' own states from zero (T steps), the states handed from chunk to chunk (L/T small steps), and the
 chunks' states again from the state that enters them (T steps), reading out `y` as it goes. Every decay it uses is
 `exp(A·ΣΔ)` over a stretch of the sequence, a number in [0, 1] for A ≤ 0: nothing is divided and nothing overflows
@@ -18,9 +22,9 @@ chunks' states again from the state that enters them (T steps), reading out `y` 
 rather than a denormal, which x86 CPUs compute up to 100× slower (and PyTorch's `exp` itself 20× slower there).
 
 The chunked scan is the custom op `mambaout::selective_scan_chunked`, with a hand-written backward that keeps only
-the inputs and recomputes the states (memory and work linear in L), and an analytic MAC count for `FlopCounterMode`,
-which counts no elementwise work. The state and every product are kept in float32 (float64 for float64 inputs)
-whatever the input dtype or autocast; `y` comes back in `u`'s dtype.
+the inputs and recomputes the states (memory and work linear in L); both ops have an analytic MAC count for
+`FlopCounterMode`, which counts no elementwise work. The state and every product are kept in float32 (float64 for
+float64 inputs) whatever the input dtype or autocast; `y` comes back in `u`'s dtype.
 """
 
 import itertools
@@ -32,9 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from mambaout.layers.scan_fused import STATE_SIZES, kernel, scan_fused
+
 __all__ = ["SCAN_METHODS", "scan_macs", "selective_scan"]
 
-SCAN_METHODS = ("chunked", "sequential")
+SCAN_METHODS = ("fused", "chunked", "sequential")
 
 
 def selective_scan(
@@ -46,12 +52,13 @@ def selective_scan(
     D: torch.Tensor | None = None,
     delta_bias: torch.Tensor | None = None,
     delta_softplus: bool = False,
-    method: str = "chunked",
+    method: str = "fused",
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mamba's selective scan, differentiable in every tensor argument.
 
     Args:
-        u: Input sequence `[batch, D, L]`.
+        u: Input sequence `[batch, D, L]`, or `[batch, D/G, L]`: one input shared by the G groups.
         delta: Step sizes Δ `[batch, D, L]` (before `delta_bias` and softplus).
         A: State matrix `[D, N]` (real; Mamba's is negative).
         B: Input matrices `[batch, N, L]`, or `[batch, G, N, L]` for G groups of D/G channels.
@@ -59,18 +66,23 @@ def selective_scan(
         D: Skip weight `[D]`, or None.
         delta_bias: Added to Δ before softplus `[D]`, or None.
         delta_softplus: Apply softplus to Δ (+ bias).
-        method: "chunked" (fast, the default) or "sequential" (the definition, one position at a time).
+        method: "fused" (the compiled CPU kernel, the default; on other devices, for more than 64 states, or where
+            it cannot be built: the chunked scan), "chunked" (PyTorch ops) or "sequential" (the definition, one
+            position at a time).
+        positions: The order in which each group visits the L tokens `[G, L]` (each row a permutation of 0..L-1),
+            or None: in order. Every sequence (u, Δ, B, C and y) is indexed by token, so a cross-scan's orders of
+            one map need no copies of it (the fused kernel indexes; the other methods gather and scatter).
 
     Returns:
         `y` `[batch, D, L]` in `u`'s dtype.
     """
     if method not in SCAN_METHODS:
         raise ValueError(f"method must be one of {SCAN_METHODS}, got {method!r}")
-    batch, channels, length = u.shape
+    batch, channels, length = delta.shape
     groups = 1 if B.ndim == 3 else B.shape[1]
     state = A.shape[-1]
     if (
-        delta.shape != u.shape
+        u.shape not in ((batch, channels, length), (batch, channels // groups, length))
         or A.ndim != 2
         or A.shape[0] != channels
         or B.shape not in ((batch, state, length), (batch, groups, state, length))
@@ -78,25 +90,71 @@ def selective_scan(
         or channels % groups
     ):
         raise ValueError(
-            f"selective_scan shapes: u, delta [b, D, L], A [D, N], B, C [b, N, L] or [b, G, N, L] with G dividing D; "
-            f"got u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
-            f"C {tuple(C.shape)}"
+            f"selective_scan shapes: u [b, D or D/G, L], delta [b, D, L], A [D, N], B, C [b, N, L] or [b, G, N, L] "
+            f"with G dividing D; got u {tuple(u.shape)}, delta {tuple(delta.shape)}, A {tuple(A.shape)}, "
+            f"B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
+    if positions is not None:
+        _check_positions(positions, groups, length)
     compute = torch.float64 if u.dtype == torch.float64 else torch.float32
     device = u.device.type
     no_autocast = torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
     with no_autocast:  # the state stays in `compute` under autocast
+        B, C = (t.to(compute).view(batch, groups, state, length) for t in (B, C))
+        fused = method == "fused" and device in ("cpu", "meta") and state <= STATE_SIZES[-1]
+        if fused and (device == "meta" or kernel() is not None):
+            B, C = (t if t.stride(2) == 1 else t.transpose(2, 3).contiguous().transpose(2, 3) for t in (B, C))
+            optional = [None if t is None else t.to(compute).contiguous() for t in (D, delta_bias)]
+            y = scan_fused(u.to(compute), delta.to(compute), A.to(compute).contiguous(), B, C, *optional,
+                           delta_softplus, positions)  # fmt: skip
+            return y.to(u.dtype)
         u32, delta = u.to(compute), delta.to(compute)
+        if u32.shape[1] != channels:
+            u32 = u32.unsqueeze(1).expand(batch, groups, *u32.shape[1:]).reshape(batch, channels, length)
         if delta_bias is not None:
             delta = delta + delta_bias.to(compute)[:, None]
         if delta_softplus:
             delta = F.softplus(delta)
-        B, C = (t.to(compute).view(batch, groups, state, length) for t in (B, C))
+        in_order = [u32, delta, B, C]
+        if positions is not None:  # each group's sequences in its order
+            in_order = [_gather(t, positions, groups) for t in in_order]
         scan = _scan_sequential if method == "sequential" else torch.ops.mambaout.selective_scan_chunked
-        y = scan(u32, delta, A.to(compute), B, C)
+        y = scan(in_order[0], in_order[1], A.to(compute), in_order[2], in_order[3])
+        if positions is not None:  # back to token order
+            y = _scatter(y, positions, groups)
         if D is not None:
             y = y + D.to(compute)[:, None] * u32
     return y.to(u.dtype)
+
+
+def _check_positions(positions: torch.Tensor, groups: int, length: int) -> None:
+    if positions.shape != (groups, length) or positions.dtype != torch.int64:
+        raise ValueError(
+            f"selective_scan positions: int64 [G, L] = [{groups}, {length}], got {positions.dtype} "
+            f"{tuple(positions.shape)}"
+        )
+    if positions.device.type != "meta" and not torch.equal(
+        positions.sort(-1).values, torch.arange(length, device=positions.device).expand(groups, length)
+    ):
+        raise ValueError("selective_scan positions: each row must be a permutation of 0..L-1")
+
+
+def _index(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
+    """`positions` broadcast to `t` viewed per group `[b, G, rest, L]`."""
+    grouped = t.view(t.shape[0], groups, -1, t.shape[-1])
+    return positions[None, :, None, :].expand(grouped.shape)
+
+
+def _gather(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
+    """A sequence `[b, ..., L]` (G groups in dim 1) in each group's scan order."""
+    grouped = t.reshape(t.shape[0], groups, -1, t.shape[-1])
+    return grouped.gather(-1, _index(t, positions, groups)).view(t.shape)
+
+
+def _scatter(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
+    """The inverse of `_gather`: a sequence in scan order back to token order."""
+    grouped = t.reshape(t.shape[0], groups, -1, t.shape[-1])
+    return torch.zeros_like(grouped).scatter(-1, _index(t, positions, groups), grouped).view(t.shape)
 
 
 def scan_macs(batch: int, channels: int, length: int, state: int) -> int:
@@ -349,7 +407,7 @@ torch.library.register_autograd(
 )
 
 
-@register_flop_formula(torch.ops.mambaout.selective_scan_chunked)
-def _scan_flops(u_shape, delta_shape, A_shape, B_shape, C_shape, *args, **kwargs) -> int:
-    batch, channels, length = u_shape
+@register_flop_formula([torch.ops.mambaout.selective_scan_chunked, torch.ops.mambaout.selective_scan_fused])
+def _scan_flops(u_shape, delta_shape, A_shape, *args, **kwargs) -> int:
+    batch, channels, length = delta_shape
     return 2 * scan_macs(batch, channels, length, A_shape[1])

@@ -7,11 +7,16 @@ tokens are scanned in raster order (1 direction), raster and reversed (2, as Vim
 (4, VMamba's cross-scan); every direction has its own projections, A, D and Δ bias, and the outputs are summed.
 The causal form scans once, in raster order, after a causal conv, so no token sees a later one.
 
+The directions share one copy of the map: every projection is computed on the tokens in raster order (a token's
+projection does not depend on when it is visited), and the scan is told each direction's order as a table of
+positions (`selective_scan(..., positions=)`), which the fused kernel indexes; nothing is flipped or transposed.
+
 Initialisation as Mamba: `A = -exp(A_log)` with `A_log = log(1..N)` per channel, `D = 1`, the Δ bias the inverse
 softplus of Δ drawn log-uniform in [dt_min, dt_max], `dt_proj` weights uniform in ±dt_rank^-0.5, `x_proj` as
 PyTorch's Linear default. A and D are excluded from weight decay (`_no_weight_decay`), as in Mamba.
 """
 
+import functools
 import math
 
 import torch
@@ -21,10 +26,11 @@ from mambaout.errors import UserError
 from mambaout.layers.conv import CausalDepthwiseConvMixer, DepthwiseConvMixer
 from mambaout.layers.scan import SCAN_METHODS, selective_scan
 
-__all__ = ["SSMMixer"]
+__all__ = ["SSMMixer", "scan_positions"]
 
 # a leaf for torch.fx: symbolic tracing records the call (the scan checks its input shapes in Python)
 torch.fx.wrap("selective_scan")
+torch.fx.wrap("scan_positions")
 
 # (column-major, reversed) of each scan order, by the number of directions; VMamba's cross-scan order for 4
 _ORDERS = {
@@ -32,6 +38,18 @@ _ORDERS = {
     2: ((False, False), (False, True)),
     4: ((False, False), (True, False), (False, True), (True, True)),
 }
+
+
+@functools.cache
+def scan_positions(height: int, width: int, directions: int, device: torch.device) -> torch.Tensor:
+    """The tokens of an H×W map in the order each scan direction visits them `[directions, H·W]` (raster indices)."""
+    with torch.inference_mode(False):  # a cached tensor made under inference_mode could not be saved for backward
+        raster = torch.arange(height * width, device=device).view(height, width)
+        orders = []
+        for column_major, reverse in _ORDERS[directions]:
+            order = (raster.t() if column_major else raster).flatten()  # columns: token (i, j) at step j·H + i
+            orders.append(order.flip(0) if reverse else order)
+        return torch.stack(orders)
 
 
 class SSMMixer(nn.Module):
@@ -46,7 +64,7 @@ class SSMMixer(nn.Module):
         dt_rank: Rank of Δ's projection; default `ceil(C / 16)` as Mamba.
         dt_min: Smallest initial Δ.
         dt_max: Largest initial Δ.
-        scan_method: "chunked" (fast) or "sequential" (the definition), see `selective_scan`.
+        scan_method: "fused" (the compiled kernel), "chunked" or "sequential" (the definition), see `selective_scan`.
     """
 
     def __init__(
@@ -59,7 +77,7 @@ class SSMMixer(nn.Module):
         dt_rank: int | None = None,
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
-        scan_method: str = "chunked",
+        scan_method: str = "fused",
     ):
         super().__init__()
         if scan_directions not in _ORDERS:
@@ -101,14 +119,19 @@ class SSMMixer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, height, width, channels = x.shape
-        length, state = height * width, self.state_size
-        x = self.act(self.conv(x))  # [B, H, W, C]
-        xs = torch.stack([self._sequence(x, *order) for order in self.orders], 1)  # [B, K, C, L]
-        projected = self.x_proj_weight @ xs  # [K, R + 2N, C] @ [B, K, C, L] -> [B, K, R + 2N, L]
-        dt, B, C = projected.split((self.dt_rank, state, state), dim=2)  # B, C: [B, K, N, L]
-        dt = self.dt_proj_weight @ dt  # [K, C, R] @ [B, K, R, L] -> [B, K, C, L]
+        length, state, rank = height * width, self.state_size, self.dt_rank
+        tokens = self.act(self.conv(x)).reshape(batch * length, channels)  # [B·L, C], raster order
+        directions = len(self.orders)
+        w_dt, w_bc = self.x_proj_weight.split((rank, 2 * state), dim=1)  # [K, R, C], [K, 2N, C]
+        # every direction's projections in one matmul over the tokens, with the states innermost as the scan reads
+        # them: [B·L, C] @ [C, K·2N] -> [B, L, K, 2N] -> B, C [B, K, N, L] (strided views)
+        bc = (tokens @ w_bc.flatten(0, 1).t()).view(batch, length, directions, 2 * state).permute(0, 2, 3, 1)
+        B, C = bc.split(state, dim=2)
+        low = (tokens @ w_dt.flatten(0, 1).t()).view(batch, length, directions, rank)  # [B, L, K, R]
+        dt = self.dt_proj_weight @ low.permute(0, 2, 3, 1)  # [K, C, R] @ [B, K, R, L] -> [B, K, C, L]
+        u = tokens.view(batch, length, channels).transpose(1, 2)  # [B, C, L]: one input for every direction
         y = selective_scan(
-            xs.reshape(batch, -1, length),
+            u,
             dt.reshape(batch, -1, length),
             -torch.exp(self.A_log.float()),
             B,
@@ -117,26 +140,10 @@ class SSMMixer(nn.Module):
             delta_bias=self.dt_proj_bias.reshape(-1),
             delta_softplus=True,
             method=self.scan_method,
-        ).view(batch, len(self.orders), channels, length)  # each direction's channels in a group of their own
-        merged = sum(self._map(y[:, k], height, width, *order) for k, order in enumerate(self.orders))
-        return merged.permute(0, 2, 3, 1)  # [B, C, H, W] -> [B, H, W, C]
-
-    @staticmethod
-    def _sequence(x: torch.Tensor, column_major: bool, reverse: bool) -> torch.Tensor:
-        """`[B, H, W, C]` -> the tokens in one scan order `[B, C, L]`."""
-        if column_major:
-            x = x.transpose(1, 2)  # [B, H, W, C] -> [B, W, H, C]: columns become rows
-        seq = x.flatten(1, 2).transpose(1, 2)  # [B, L, C] -> [B, C, L]
-        return seq.flip(-1) if reverse else seq
-
-    @staticmethod
-    def _map(y: torch.Tensor, height: int, width: int, column_major: bool, reverse: bool) -> torch.Tensor:
-        """One scan order's output `[B, C, L]` back to the map `[B, C, H, W]`."""
-        if reverse:
-            y = y.flip(-1)
-        if column_major:
-            return y.unflatten(-1, (width, height)).transpose(2, 3)  # [B, C, W, H] -> [B, C, H, W]
-        return y.unflatten(-1, (height, width))
+            positions=scan_positions(height, width, len(self.orders), x.device),
+        )  # [B, K·C, L]: each direction's channels in a group of their own, every one in raster order
+        merged = y.view(batch, len(self.orders), channels, length).sum(1)  # [B, C, L]
+        return merged.transpose(1, 2).reshape(batch, height, width, channels)  # [B, C, L] -> [B, H, W, C]
 
     def extra_repr(self) -> str:
         return (

@@ -237,6 +237,10 @@ struct Scan {
             const int64_t n = std::min(CHUNK, a.length - t0);
             block(b, d, g, t0, n, dt, nullptr, uu, ls);
             for (int64_t i = 0; i < n; ++i) {
+                if (i + 16 < n) {  // the rows a cross-scan visits out of order: fetched ahead
+                    __builtin_prefetch(Bg + ls[i + 16] * a.B_sl);
+                    __builtin_prefetch(Cg + ls[i + 16] * a.C_sl);
+                }
                 const T step = dt[i], x = step * uu[i];
                 h = X::exp2(step * A2) * h + x * X::load(Bg + ls[i] * a.B_sl);
                 readout[i] = X::load(Cg + ls[i] * a.C_sl) * h;

@@ -6,9 +6,10 @@ of 32 (`torch.export` needs the size expressed as a multiple of a symbol). After
 was traced with; its outputs must match the PyTorch model's to `atol`. The output is written atomically: a failed
 export or verification leaves an existing file as it was.
 
-Models with other token mixers export as well (their blocks unfused), except the SSM mixer to ONNX: its selective
-scan is the custom op `mambaout::selective_scan_chunked`, which TorchScript and ExportedProgram files call (so load
-them in a process that imported mambaout) and ONNX has no operator for.
+Models with other token mixers export as well (fused, their mixer kept as a module), except the SSM mixer to ONNX:
+its selective scan is a custom op (`mambaout::selective_scan_fused`, or `..._chunked` where the kernel cannot be
+built), which TorchScript and ExportedProgram files call (so load them in a process that imported mambaout) and ONNX
+has no operator for.
 
 By default a `MambaOut` is written as its fused inference graph (`optimize_for_inference`'s blocks: folded LayerScale,
 no split/cat copies), which ONNX Runtime runs 1.2-1.3× faster at batch 16 than the reference graph; the file is
@@ -194,7 +195,7 @@ def export_model(
     if fmt == "onnx" and any(isinstance(m, SSMMixer) for m in model.modules()):
         raise UserError(
             "--format onnx: the selective-scan (SSM) token mixer has no ONNX operator; export it as torchscript or "
-            "exported-program (they call the op `mambaout::selective_scan_chunked`: load them with mambaout imported)"
+            "exported-program (they call mambaout's selective-scan op: load them with mambaout imported)"
         )
     multiple_only = fmt == "exported-program" or (fmt == "onnx" and onnx_dynamo)
     if multiple_only and (img_size[0] % SIZE_MULTIPLE or img_size[1] % SIZE_MULTIPLE):

@@ -14,7 +14,12 @@ channels, `cc` conv channels, h = hi + cc):
 4. fc2 and the residual add are one kernel.
 
 Steps 2 and 4 use oneDNN's fused kernels where `select_kernels` finds them, and the composed ops elsewhere.
+
+Blocks with another token mixer (the Mamba block's SSM, attention, the causal mixers) are fused the same way: their
+mixer module is kept and called on the conv slice's own `[B, H, W, cc]` buffer, in place of the depthwise conv.
 """
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +32,8 @@ __all__ = ["FusedGatedCNNBlock", "can_fuse"]
 
 
 def can_fuse(block: nn.Module) -> bool:
-    """True when `block` is a `GatedCNNBlock` whose token mixer is the plain depthwise conv (the MambaOut block)."""
-    return isinstance(block, GatedCNNBlock) and type(block.mixer) is DepthwiseConvMixer
+    """True when `block` is a `GatedCNNBlock` (with any token mixer)."""
+    return isinstance(block, GatedCNNBlock)
 
 
 class FusedGatedCNNBlock(nn.Module):
@@ -45,11 +50,11 @@ class FusedGatedCNNBlock(nn.Module):
         if not can_fuse(block):
             raise TypeError(f"cannot fuse {type(block).__name__} with mixer {type(block.mixer).__name__}")
         hidden, ident, conv_ch = block.split_sizes
-        conv = block.mixer.conv
         self.dim = block.norm.normalized_shape[0]
         self.ident, self.conv_ch = ident, conv_ch
         self.eps = block.norm.eps
-        self.padding = conv.padding
+        # MambaOut's depthwise conv runs as a conv on a view; any other mixer as its module, `[B, H, W, cc]` in and out
+        self.mixer = None if type(block.mixer) is DepthwiseConvMixer else copy.deepcopy(block.mixer)
         self.kernels = kernels
         self.act: Activation | None = activation_of(block.act)
         # an activation the fused kernel does not know is applied as the reference module
@@ -74,8 +79,11 @@ class FusedGatedCNNBlock(nn.Module):
         buffer("ident_bias", b1[hidden : hidden + ident])
         buffer("conv_in_weight", w1[hidden + ident :])  # [cc, C]
         buffer("conv_in_bias", b1[hidden + ident :])
-        buffer("conv_weight", conv.weight)  # [cc, 1, k, k]
-        buffer("conv_bias", conv.bias)
+        if self.mixer is None:
+            conv = block.mixer.conv
+            self.padding = conv.padding
+            buffer("conv_weight", conv.weight)  # [cc, 1, k, k]
+            buffer("conv_bias", conv.bias)
         buffer("out_weight", w2)  # [C, h]
         buffer("out_bias", b2)
 
@@ -98,9 +106,7 @@ class FusedGatedCNNBlock(nn.Module):
         conv_in = kernels.linear(normed, self.conv_in_weight, self.conv_in_bias).view(
             batch, height, width, self.conv_ch
         )
-        conv_in = conv_in.permute(0, 3, 1, 2)  # [B, H, W, cc] -> [B, cc, H, W], channels-last strides, no copy
-        mixed = F.conv2d(conv_in, self.conv_weight, self.conv_bias, padding=self.padding, groups=self.conv_ch)
-        gated.view(batch, height, width, -1)[..., self.ident :].mul_(mixed.permute(0, 2, 3, 1))  # -> [B, H, W, cc]
+        gated.view(batch, height, width, -1)[..., self.ident :].mul_(self._mix(conv_in))
 
         out = kernels.linear_add(gated, flat, self.out_weight, self.out_bias)  # x + fc2(...): [N, C]
         return out.view(batch, height, width, dim)
@@ -111,16 +117,23 @@ class FusedGatedCNNBlock(nn.Module):
         ident, gate_weight, gate_bias = self.ident, self.gate_weight, self.gate_bias
         normed = F.layer_norm(x, (self.dim,), self.norm_weight, self.norm_bias, self.eps)
         act = self.act_module if self.act is None else self.act
-        conv_in = F.linear(normed, self.conv_in_weight, self.conv_in_bias).permute(0, 3, 1, 2)
-        mixed = F.conv2d(conv_in, self.conv_weight, self.conv_bias, padding=self.padding, groups=self.conv_ch)
+        mixed = self._mix(F.linear(normed, self.conv_in_weight, self.conv_in_bias))
         gate_c = act(F.linear(normed, gate_weight[ident:], gate_bias[ident:]))
-        out = F.linear(gate_c * mixed.permute(0, 2, 3, 1), self.out_weight[:, ident:], self.out_bias)
+        out = F.linear(gate_c * mixed, self.out_weight[:, ident:], self.out_bias)
         if ident:
             gate_i = act(F.linear(normed, gate_weight[:ident], gate_bias[:ident]))
             out = out + F.linear(
                 gate_i * F.linear(normed, self.ident_weight, self.ident_bias), self.out_weight[:, :ident]
             )
         return x + out
+
+    def _mix(self, conv_in: torch.Tensor) -> torch.Tensor:
+        """The token mixer on the conv slice: `[B, H, W, cc]` -> `[B, H, W, cc]`."""
+        if self.mixer is not None:
+            return self.mixer(conv_in)
+        conv_in = conv_in.permute(0, 3, 1, 2)  # [B, H, W, cc] -> [B, cc, H, W], channels-last strides, no copy
+        mixed = F.conv2d(conv_in, self.conv_weight, self.conv_bias, padding=self.padding, groups=self.conv_ch)
+        return mixed.permute(0, 2, 3, 1)  # [B, cc, H, W] -> [B, H, W, cc]
 
     def extra_repr(self) -> str:
         act = self.act.onednn_attr if self.act is not None else type(self.act_module).__name__

@@ -1,8 +1,8 @@
 """`optimize_for_inference`: a reference `MambaOut` turned into a fused, micro-batched inference module.
 
 The result computes the reference function (held to it by `tests/test_fast.py`) with:
-- every MambaOut block replaced by a `FusedGatedCNNBlock` (folded LayerScale, fused kernels, no split/cat copies);
-  blocks with another token mixer (SSM, attention, causal conv) keep their reference module, in the compute dtype;
+- every Gated CNN block replaced by a `FusedGatedCNNBlock` (folded LayerScale, fused kernels, no split/cat copies);
+  a token mixer other than MambaOut's conv (SSM, attention, causal conv) is kept as its module inside it;
 - weights stored in the compute dtype (bf16 weights rather than autocast, which re-casts every weight per call);
 - channels-last images into the stem, so every convolution takes oneDNN's NHWC path;
 - each stage run in its own micro-batches (each image is independent at inference): a few images at a time in the

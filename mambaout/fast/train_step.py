@@ -36,7 +36,7 @@ from mambaout.fast.fused import can_fuse
 from mambaout.fast.kernels import select_kernels
 from mambaout.fast.optimize import micro_batches
 from mambaout.fast.threads import ThreadFitter
-from mambaout.layers import GatedCNNBlock
+from mambaout.layers import DepthwiseConvMixer, GatedCNNBlock
 
 __all__ = [
     "OneDNNLinear",
@@ -124,7 +124,10 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
         gate_c = self.act(linear(normed, w1[ident:hidden], b1[ident:hidden]))
         prod_i = gate_i * linear(normed, w1[hidden : hidden + ident], b1[hidden : hidden + ident])
         conv_in = linear(normed, w1[hidden + ident :], b1[hidden + ident :])
-        conv_out = depthwise_conv(self.mixer.conv, conv_in) if self.compiled_conv_grad else self.mixer(conv_in)
+        if self.compiled_conv_grad and type(self.mixer) is DepthwiseConvMixer:
+            conv_out = depthwise_conv(self.mixer.conv, conv_in)
+        else:  # any other token mixer as its module
+            conv_out = self.mixer(conv_in)
         prod_c = gate_c * conv_out
         if onednn:
             out = linear(prod_i, w2[:, :ident], self.fc2.bias) + linear(prod_c, w2[:, ident:])  # [B, H, W, C]
@@ -136,7 +139,8 @@ class SplitLinearGatedCNNBlock(GatedCNNBlock):
 
 @contextlib.contextmanager
 def split_linear_blocks(model: nn.Module, compiled_conv_grad: bool = True) -> Iterator[nn.Module]:
-    """Within the block, the model's MambaOut blocks run `SplitLinearGatedCNNBlock.forward` (nothing else changes).
+    """Within the block, the model's Gated CNN blocks (any mixer) run `SplitLinearGatedCNNBlock.forward` (nothing else
+    changes).
 
     The blocks' class is switched and switched back, so parameters, state dict and optimizer state are untouched.
     `compiled_conv_grad=False` keeps PyTorch's depthwise-conv backward (to measure what the compiled one gives).

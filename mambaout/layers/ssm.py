@@ -40,16 +40,29 @@ _ORDERS = {
 }
 
 
-@functools.cache
 def scan_positions(height: int, width: int, directions: int, device: torch.device) -> torch.Tensor:
-    """The tokens of an H×W map in the order each scan direction visits them `[directions, H·W]` (raster indices)."""
+    """The tokens of an H×W map in the order each scan direction visits them `[directions, H·W]` (raster indices).
+
+    Made once per map size and device; under `torch.export` (symbolic sizes) it is part of the traced graph.
+    """
+    if isinstance(height, int) and isinstance(width, int):
+        return _cached_positions(height, width, directions, device)
+    return _positions(height, width, directions, device)
+
+
+def _positions(height, width, directions: int, device: torch.device) -> torch.Tensor:
+    raster = torch.arange(height * width, device=device).view(height, width)
+    orders = []
+    for column_major, reverse in _ORDERS[directions]:
+        order = (raster.t() if column_major else raster).flatten()  # columns: token (i, j) at step j·H + i
+        orders.append(order.flip(0) if reverse else order)
+    return torch.stack(orders)
+
+
+@functools.cache
+def _cached_positions(height: int, width: int, directions: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):  # a cached tensor made under inference_mode could not be saved for backward
-        raster = torch.arange(height * width, device=device).view(height, width)
-        orders = []
-        for column_major, reverse in _ORDERS[directions]:
-            order = (raster.t() if column_major else raster).flatten()  # columns: token (i, j) at step j·H + i
-            orders.append(order.flip(0) if reverse else order)
-        return torch.stack(orders)
+        return _positions(height, width, directions, device)
 
 
 class SSMMixer(nn.Module):

@@ -49,6 +49,7 @@ OUTPUT_KINDS = {
     "dense-predictions": lambda head: (
         (head.lstrip().startswith(b"[") and b'"file_name"' in head) or head.strip() == b"[]"
     ),
+    "scaling-json": lambda head: head.lstrip().startswith(b"{") and b'"kind": "mambaout scaling"' in head,
 }
 _DESCRIBED = {
     "eval-json": "a `mambaout eval` results file",
@@ -60,6 +61,7 @@ _DESCRIBED = {
     "zip": "a TorchScript or ExportedProgram archive",
     "dense-eval-json": "a `mambaout detect|segment eval` results file",
     "dense-predictions": "a `mambaout detect|segment predict` JSON",
+    "scaling-json": "a `mambaout scaling` JSON",
 }
 
 
@@ -131,6 +133,7 @@ def _suffix(kind: str) -> str:
         "predictions": ".json",
         "dense-eval-json": ".json",
         "dense-predictions": ".json",
+        "scaling-json": ".json",
         "bench": ".md",
         "png": ".png",
         "checkpoint": ".pth",

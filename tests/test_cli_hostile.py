@@ -104,6 +104,11 @@ def _base(ws: Workspace, command: str) -> list[str]:
         "tokens": ["tokens"],
         # as for demo: a case that slips through fails on the missing data, not by running an ablation
         "ablate": ["ablate", "--data", str(ws.root / "missing"), "--output", str(ws.root / "abl")],
+        # a case that slips through measures one tiny size and fails on the JSON file it wrote
+        "scaling": [
+            "scaling", "--sizes", "32", "--mixers", "conv", "--repeats", "1", "--json", str(ws.root / "s.json"),
+        ],
+        "erf": ["erf", "--data", str(ws.root / "missing"), "--output", str(ws.root / "erf")],
         "detect train": [
             "detect", "train", "--data", str(ws.coco), "--output", str(ws.root / "new-detect"),
             *dense_flags(DETECT, epochs=1),

@@ -1,20 +1,59 @@
-"""The paper's argument at a scale anyone can rerun: the long-sequence analysis and the token-mixer ablation."""
+"""The paper's argument at a scale anyone can rerun: the long-sequence analysis, measured cost against tokens, the
+token-mixer ablation, and the mixers' effective receptive fields."""
 
+from mambaout.ablate.erf import (
+    DEFAULT_ERF_MIXERS,
+    ErfMap,
+    ErfSettings,
+    effective_receptive_field,
+    mass_radii,
+    plot_erf,
+    run_erf,
+)
 from mambaout.ablate.report import MixerSummary, plot_ablation, results_markdown, summarize
 from mambaout.ablate.runner import DEFAULT_MIXERS, AblationSettings, run_ablation
+from mambaout.ablate.scaling import (
+    ScalingResult,
+    ScalingSettings,
+    crossover_tokens,
+    find_crossovers,
+    growth_exponent,
+    growth_fits,
+    plot_scaling,
+    run_scaling,
+    scaling_markdown,
+    write_scaling_json,
+)
 from mambaout.ablate.tokens import TokenRow, model_rows, paper_table, token_row, transformer_flops
 
 __all__ = [
+    "DEFAULT_ERF_MIXERS",
     "DEFAULT_MIXERS",
     "AblationSettings",
+    "ErfMap",
+    "ErfSettings",
     "MixerSummary",
+    "ScalingResult",
+    "ScalingSettings",
     "TokenRow",
+    "crossover_tokens",
+    "effective_receptive_field",
+    "find_crossovers",
+    "growth_exponent",
+    "growth_fits",
+    "mass_radii",
     "model_rows",
     "paper_table",
     "plot_ablation",
+    "plot_erf",
+    "plot_scaling",
     "results_markdown",
     "run_ablation",
+    "run_erf",
+    "run_scaling",
+    "scaling_markdown",
     "summarize",
     "token_row",
     "transformer_flops",
+    "write_scaling_json",
 ]

@@ -29,9 +29,11 @@ SUBCOMMANDS = (
     "ablate",
     "detect",
     "segment",
+    "scaling",
+    "erf",
 )
 # the subcommands that run models, so that glibc's malloc may keep their large CPU tensors' memory for reuse
-MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench", "ablate")
+MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench", "ablate", "scaling", "erf")
 _MESSAGE_LIMIT = 2000  # characters of an error line: messages echo what the user gave, which may be huge
 
 

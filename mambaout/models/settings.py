@@ -13,7 +13,7 @@ from mambaout.errors import UserError, describe
 from mambaout.models.factory import create_model
 from mambaout.models.mambaout import MambaOut
 
-__all__ = ["check_activation_memory", "create_configured_model"]
+__all__ = ["available_bytes", "check_activation_memory", "create_configured_model"]
 
 # what the constructor raises on a bad argument: an unknown name (TypeError), mismatched stage lists (ValueError),
 # a negative or impossible size (RuntimeError from the layers)
@@ -46,7 +46,7 @@ def create_configured_model(name: str, model_kwargs: Any, source: str, **kwargs:
         raise UserError(f"{source}: cannot build {name} from {dict(model_kwargs)!r}: {describe(e)}") from None
 
 
-def _available_bytes(device: torch.device) -> int | None:
+def available_bytes(device: torch.device) -> int | None:
     """Memory free for new tensors on `device`: CUDA's free memory, or Linux's MemAvailable; None when unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -75,7 +75,7 @@ def check_activation_memory(
         side = max(1, input_size // info["reduction"])
         per_block += [side * side * block.fc1.out_features * 4 for block in stage.blocks]
     needed = batch_size * (sum(per_block) if training else max(per_block, default=0))
-    free = _available_bytes(torch.device(device))
+    free = available_bytes(torch.device(device))
     if free is not None and needed > free:
         raise UserError(
             f"--batch-size {batch_size} at --input-size {input_size} needs at least {needed / 2**30:.1f} GiB for "

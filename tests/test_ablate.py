@@ -98,7 +98,7 @@ def test_summary_is_mean_and_sample_std_over_seeds_with_the_difference_to_conv()
     [
         (["--mixers", "conv,mamba"], "--mixers mamba: choose from conv, conv_ssm"),
         (["--seeds", "0"], "--seeds: must be >= 1, got 0"),
-        (["--model-kwargs", "[1, 2]"], "--model-kwargs expects a YAML mapping"),
+        (["--model-kwargs", "[1, 2]"], "--model-kwargs: expects a YAML mapping"),
         (["--model-kwargs", "{token_mixer: conv}"], "leave token_mixer out"),
     ],
 )

@@ -593,9 +593,10 @@ def plot_erf(maps: list[ErfMap], path: Path) -> Path:
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="log10(share / peak share)")
     first = maps[0]
     against = "the input image" if first.wrt == "input" else "its input tokens (skip connection removed)"
-    fig.suptitle(
-        f"ERF of stage {first.stage}'s centre token w.r.t. {against}; {first.img_size} px, "
-        f"{len(first.image_names)} images"
+    fig.suptitle(  # two lines: one row of two maps is narrower than the whole sentence
+        f"ERF of stage {first.stage}'s centre token w.r.t. {against}\n{first.img_size} px, "
+        f"{len(first.image_names)} images",
+        fontsize=10,
     )
     with atomic_write(path) as f:
         fig.savefig(f, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE})  # tells our plots from photos

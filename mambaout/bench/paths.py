@@ -257,7 +257,7 @@ def mixer_paths(
     name: str, mixers: tuple[str, ...], x: torch.Tensor, dtype: torch.dtype, micro_batch: int | None, train: bool
 ) -> list[BenchPath]:
     """Variant `name` built with each token mixer (random weights, same seed), the first the baseline: our inference
-    path (`optimize_for_inference`, which fuses only the conv mixer's blocks) or our training step. Each row has its
+    path (`optimize_for_inference`, which fuses every mixer's blocks) or our training step. Each row has its
     own params and MACs (the SSM's selective scan counted by its analytic formula)."""
     paths = []
     for i, mixer in enumerate(mixers):

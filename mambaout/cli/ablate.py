@@ -16,12 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from mambaout.ablate import DEFAULT_MIXERS, AblationSettings, run_ablation
 from mambaout.ablate.runner import DEFAULT_RECIPE
-from mambaout.cli.args import integer
-from mambaout.errors import UserError
+from mambaout.cli.args import integer, yaml_mapping
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.train import TrainingInterrupted
 
@@ -38,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_RECIPE, help=f"recipe every run starts from ({DEFAULT_RECIPE})")
     parser.add_argument("--model", metavar="NAME", help="train this registered model as it is (default: the recipe's)")
     parser.add_argument(
-        "--model-kwargs", metavar="YAML", help="model constructor arguments, e.g. '{depths: [1, 1, 1, 1]}'"
+        "--model-kwargs",
+        type=yaml_mapping,
+        metavar="YAML",
+        help="model constructor arguments, e.g. '{depths: [1, 1, 1, 1]}'",
     )
     parser.add_argument("--data", metavar="DIR", help="ImageFolder root with train/ and val/ (default: the digits)")
     parser.add_argument("--epochs", type=integer(1), metavar="N", help="epochs per run (default: the recipe's)")
@@ -47,14 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    kwargs = {}
-    if args.model_kwargs:
-        try:
-            kwargs = yaml.safe_load(args.model_kwargs)
-        except yaml.YAMLError:
-            kwargs = None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"--model-kwargs expects a YAML mapping, got {args.model_kwargs!r}")
+    kwargs = args.model_kwargs or {}
     settings = AblationSettings(
         mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()),
         config=args.config,

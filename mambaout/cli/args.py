@@ -8,11 +8,13 @@ import argparse
 import math
 from collections.abc import Callable
 
+import yaml
+
 from mambaout.errors import one_line
 from mambaout.fast.allocator import MALLOC_MODES
 from mambaout.train.config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
-__all__ = ["add_force", "add_malloc", "class_map", "image_size", "integer", "number"]
+__all__ = ["add_force", "add_malloc", "class_map", "image_size", "integer", "number", "yaml_mapping"]
 
 
 def integer(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
@@ -88,3 +90,14 @@ def _bounds(low: float | None, high: float | None, low_open: bool = False, high_
     if low is not None:
         return f"{'>' if low_open else '>='} {low:g}"
     return f"{'<' if high_open else '<='} {high:g}"
+
+
+def yaml_mapping(text: str) -> dict:
+    """An argparse type: a YAML mapping, such as `--model-kwargs '{depths: [1, 1, 1, 1]}'`."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expects a YAML mapping, got {one_line(repr(text), 60)}")
+    return value

@@ -18,12 +18,9 @@ examples:
 
 import argparse
 
-import yaml
-
 from mambaout.ablate import DEFAULT_ERF_MIXERS, ErfSettings, run_erf
 from mambaout.ablate.erf import DEFAULT_MODEL, WRT, erf_table
-from mambaout.cli.args import add_force, image_size, integer
-from mambaout.errors import UserError
+from mambaout.cli.args import add_force, image_size, integer, yaml_mapping
 from mambaout.layers import TOKEN_MIXERS
 
 
@@ -32,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = ErfSettings()
     parser.add_argument("--model", metavar="NAME", help=f"registered model at random init (default {DEFAULT_MODEL})")
     parser.add_argument("--checkpoint", nargs="+", metavar="PATH", help="`mambaout train` checkpoints, as trained")
-    parser.add_argument("--model-kwargs", metavar="YAML", help="constructor arguments, e.g. '{depths: [1, 1, 1, 1]}'")
+    parser.add_argument(
+        "--model-kwargs", type=yaml_mapping, metavar="YAML", help="constructor arguments, e.g. '{depths: [1, 1, 1, 1]}'"
+    )
     parser.add_argument(
         "--token-mixer",
         metavar="A,B,...",
@@ -52,14 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    kwargs = {}
-    if args.model_kwargs:
-        try:
-            kwargs = yaml.safe_load(args.model_kwargs)
-        except yaml.YAMLError:
-            kwargs = None
-        if not isinstance(kwargs, dict):
-            raise UserError(f"--model-kwargs expects a YAML mapping, got {args.model_kwargs!r}")
+    kwargs = args.model_kwargs or {}
     mixers = None if args.token_mixer is None else tuple(m.strip() for m in args.token_mixer.split(",") if m.strip())
     settings = ErfSettings(
         model=args.model,

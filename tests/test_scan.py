@@ -3,6 +3,7 @@ structure, precision, denormals, scan orders by positions, and the fused kernel'
 
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -304,6 +305,14 @@ def test_fused_scan_falls_back_to_the_chunked_scan_with_one_warning(monkeypatch,
     torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-10)
+
+
+def test_fused_kernel_source_is_package_data():
+    # a wheel install compiles the kernel from the shipped source: pyproject's package-data must name it
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    package_data = pyproject.split("[tool.setuptools.package-data]\nmambaout = [")[1].split("]")[0]
+    assert '"layers/*.cpp"' in package_data.split(", ")
+    assert scan_fused_module._SOURCE.parent == Path(scan_fused_module.__file__).parent
 
 
 def test_fused_kernel_is_built_once_per_source_and_machine(monkeypatch, tmp_path):

@@ -18,6 +18,7 @@
 // compute with denormals up to 100x slower), and the worker threads run with denormals flushed to zero.
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -353,13 +354,28 @@ struct Scan {
 #endif
     }
 
-    void run() const {
+    // False when some share of the work could not allocate its buffers (the caller reports it).
+    bool run() const {
         const int64_t items = a.backward ? a.batch * a.groups * a.splits : a.batch * a.channels;
         const int64_t workers = std::max<int64_t>(1, std::min(a.threads, items));
+        std::atomic<bool> failed{false};
+        auto share = [&](int64_t w) {
+            try {
+                run_worker(w, items, workers);
+            } catch (...) {  // an exception must not leave a thread: it would end the process
+                failed = true;
+            }
+        };
         std::vector<std::thread> pool;
-        for (int64_t w = 1; w < workers; ++w) pool.emplace_back([this, w, items, workers] { run_worker(w, items, workers); });
-        run_worker(0, items, workers);
+        int64_t started = 1;
+        try {
+            for (; started < workers; ++started) pool.emplace_back(share, started);
+        } catch (...) {  // no more threads to be had: the caller's thread takes the shares left
+        }
+        share(0);
+        for (int64_t w = started; w < workers; ++w) share(w);
         for (auto& t : pool) t.join();
+        return !failed;
     }
 };
 
@@ -372,14 +388,10 @@ int64_t mambaout_scan_abi() { return 1; }
 
 int64_t mambaout_scan(const ScanArgs* args) {
     try {
-        if (args->dtype == 0) {
-            Scan<float>(*args).run();
-        } else {
-            Scan<double>(*args).run();
-        }
-    } catch (...) {  // std::bad_alloc, std::system_error from a thread: reported, never through the C boundary
+        const bool done = args->dtype == 0 ? Scan<float>(*args).run() : Scan<double>(*args).run();
+        return done ? 0 : 1;
+    } catch (...) {  // nothing may cross the C boundary
         return 1;
     }
-    return 0;
 }
 }

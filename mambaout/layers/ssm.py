@@ -59,7 +59,7 @@ def _positions(height, width, directions: int, device: torch.device) -> torch.Te
     return torch.stack(orders)
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # map sizes in use at once (a dense model's predict may meet many)
 def _cached_positions(height: int, width: int, directions: int, device: torch.device) -> torch.Tensor:
     with torch.inference_mode(False):  # a cached tensor made under inference_mode could not be saved for backward
         return _positions(height, width, directions, device)

@@ -1,9 +1,11 @@
-"""Data: an ImageFolder that survives bad files, the bundled digits default, transforms, samplers, class names."""
+"""Data: an ImageFolder that survives bad files, the bundled digits default, the Pathfinder generator, transforms,
+samplers, class names."""
 
 from mambaout.data.digits import cache_dir, digits_tree
 from mambaout.data.folder import ImageFiles, RobustImageFolder, TransformFailed
 from mambaout.data.images import ImageScan, UnreadableImage, list_images, load_image, scan_images, to_rgb
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
+from mambaout.data.pathfinder import PathfinderConfig, PathfinderSample, make_sample, make_samples
 from mambaout.data.samplers import ResumableSampler, ShardSampler
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 
@@ -11,6 +13,8 @@ __all__ = [
     "IMAGENET_CLASSES",
     "ImageFiles",
     "ImageScan",
+    "PathfinderConfig",
+    "PathfinderSample",
     "ResumableSampler",
     "RobustImageFolder",
     "ShardSampler",
@@ -24,6 +28,8 @@ __all__ = [
     "imagenet_synsets",
     "list_images",
     "load_image",
+    "make_sample",
+    "make_samples",
     "scan_images",
     "to_rgb",
     "train_transform",

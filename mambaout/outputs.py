@@ -50,6 +50,8 @@ OUTPUT_KINDS = {
         (head.lstrip().startswith(b"[") and b'"file_name"' in head) or head.strip() == b"[]"
     ),
     "scaling-json": lambda head: head.lstrip().startswith(b"{") and b'"kind": "mambaout scaling"' in head,
+    "erf-json": lambda head: head.lstrip().startswith(b"{") and b'"kind": "mambaout erf"' in head,
+    "npy": lambda head: head.startswith(b"\x93NUMPY"),
 }
 _DESCRIBED = {
     "eval-json": "a `mambaout eval` results file",
@@ -62,6 +64,8 @@ _DESCRIBED = {
     "dense-eval-json": "a `mambaout detect|segment eval` results file",
     "dense-predictions": "a `mambaout detect|segment predict` JSON",
     "scaling-json": "a `mambaout scaling` JSON",
+    "erf-json": "a `mambaout erf` JSON",
+    "npy": "a NumPy .npy array",
 }
 
 
@@ -134,6 +138,8 @@ def _suffix(kind: str) -> str:
         "dense-eval-json": ".json",
         "dense-predictions": ".json",
         "scaling-json": ".json",
+        "erf-json": ".json",
+        "npy": ".npy",
         "bench": ".md",
         "png": ".png",
         "checkpoint": ".pth",

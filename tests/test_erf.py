@@ -139,6 +139,14 @@ def test_cli_writes_the_json_maps_and_plot_and_refuses_a_foreign_folder(one_thre
     assert main([*argv, "--output", str(foreign), "--force"]) == 0
     assert (foreign / "todo.txt").read_text() == "mine" and (foreign / "erf.json").is_file()
 
+    # our folder, but a file of another kind where a map goes: refused, and nothing in the folder changes
+    clobbered = out / rows[0]["file"]
+    clobbered.write_text("notes")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*argv, "--wrt", "tokens", "--output", str(out)]) == 2
+    assert "is not a NumPy .npy array" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
 
 def test_images_from_a_folder_skip_unreadable_files(one_thread, tmp_path):
     data = tmp_path / "photos"

@@ -46,7 +46,7 @@ from mambaout.errors import UserError
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import MambaOut
 from mambaout.models.settings import create_configured_model
-from mambaout.outputs import PNG_SOFTWARE, check_output, same_file
+from mambaout.outputs import OUTPUT_KINDS, PNG_SOFTWARE, check_output
 from mambaout.train.checkpoint import read_checkpoint
 from mambaout.train.distributed import resolve_device
 from mambaout.train.inference import load_classifier
@@ -90,7 +90,6 @@ WRT = ("input", "tokens")
 BATCH = 8  # images per backward pass
 DECADES = 6  # the picture's colour range: shares down to 10^-6 of the peak's (attention's spread shows at ~10^-5)
 JSON_NAME, PNG_NAME = "erf.json", "erf.png"
-_NPY_MAGIC = b"\x93NUMPY"
 DEFINITION = (
     "map = sum over images and channels of |d s / d x|, normalised to sum 1, where s = sum over images and channels "
     "of ReLU(y), y stage K's output at its centre token (H//2, W//2); model in eval mode, float32. wrt input: x = the "
@@ -398,10 +397,10 @@ def _check_geometry(subject: _Subject, stage: int, img_size: int) -> None:
 
 def _own_json(path: Path) -> bool:
     try:
-        saved = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        with path.open("rb") as f:
+            return OUTPUT_KINDS["erf-json"](f.read(4096))
+    except OSError:
         return False
-    return isinstance(saved, dict) and isinstance(saved.get("maps"), list) and "definition" in saved
 
 
 def _claim_folder(out: Path, data: str | None, force: bool) -> None:
@@ -423,28 +422,9 @@ def _claim_folder(out: Path, data: str | None, force: bool) -> None:
 def _check_files(out: Path, npy_names: list[str], inputs: list[Path], force: bool) -> None:
     """Each file to write is no input, and no file of another kind (unless `force`)."""
     check_output(out / PNG_NAME, "--output", "png", inputs=inputs, force=force)
-    for name in (JSON_NAME, *npy_names):
-        path = out / name
-        given = next((p for p in inputs if same_file(path, p)), None)
-        if given is not None:
-            raise UserError(f"--output {path} is also an input ({given}): writing it would destroy it")
-        if path.is_dir():
-            raise UserError(f"--output {path} is a folder: pick another --output")
-        if force or not path.is_file() or not path.stat().st_size:
-            continue
-        if not (_own_json(path) if name == JSON_NAME else _npy(path)):
-            raise UserError(
-                f"--output {path} already exists and is not `mambaout erf`'s: pick another folder, or pass --force "
-                "to replace it"
-            )
-
-
-def _npy(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(len(_NPY_MAGIC)) == _NPY_MAGIC
-    except OSError:
-        return False
+    check_output(out / JSON_NAME, "--output", "erf-json", inputs=inputs, force=force)
+    for name in npy_names:
+        check_output(out / name, "--output", "npy", inputs=inputs, force=force)
 
 
 def _npy_names(subjects: list[_Subject], stage: int, wrt: str) -> list[str]:
@@ -548,6 +528,7 @@ def write_erf(maps: list[ErfMap], npy_names: list[str], out: Path, settings: Erf
             np.save(f, erf_map.erf)
     plot_erf(maps, out / PNG_NAME)
     record = {
+        "kind": "mambaout erf",  # what tells our erf.json from other files (`mambaout.outputs`)
         "maps": [m.record(name) for m, name in zip(maps, npy_names, strict=True)],
         "plot": PNG_NAME,
         "settings": {k: v for k, v in asdict(settings).items() if k not in ("output", "force")},

@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mambaout.fast.dwconv import depthwise_conv
-from mambaout.fast.fused import can_fuse
 from mambaout.fast.kernels import select_kernels
 from mambaout.fast.optimize import micro_batches
 from mambaout.fast.threads import ThreadFitter
@@ -145,7 +144,7 @@ def split_linear_blocks(model: nn.Module, compiled_conv_grad: bool = True) -> It
     The blocks' class is switched and switched back, so parameters, state dict and optimizer state are untouched.
     `compiled_conv_grad=False` keeps PyTorch's depthwise-conv backward (to measure what the compiled one gives).
     """
-    blocks = [m for m in model.modules() if can_fuse(m) and type(m) is GatedCNNBlock]
+    blocks = [m for m in model.modules() if type(m) is GatedCNNBlock]
     for block in blocks:
         block.__class__ = SplitLinearGatedCNNBlock
         if not compiled_conv_grad:

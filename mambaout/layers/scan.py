@@ -140,22 +140,22 @@ def _check_positions(positions: torch.Tensor, groups: int, length: int) -> None:
         raise ValueError("selective_scan positions: each row must be a permutation of 0..L-1")
 
 
-def _index(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
-    """`positions` broadcast to `t` viewed per group `[b, G, rest, L]`."""
-    grouped = t.view(t.shape[0], groups, -1, t.shape[-1])
-    return positions[None, :, None, :].expand(grouped.shape)
+def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """A sequence `[b, ..., L]` (G groups in dim 1) as `[b, G, rest, L]`."""
+    return t.reshape(t.shape[0], groups, -1, t.shape[-1])
 
 
 def _gather(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
     """A sequence `[b, ..., L]` (G groups in dim 1) in each group's scan order."""
-    grouped = t.reshape(t.shape[0], groups, -1, t.shape[-1])
-    return grouped.gather(-1, _index(t, positions, groups)).view(t.shape)
+    grouped = _grouped(t, groups)
+    return grouped.gather(-1, positions[None, :, None].expand(grouped.shape)).view(t.shape)
 
 
 def _scatter(t: torch.Tensor, positions: torch.Tensor, groups: int) -> torch.Tensor:
     """The inverse of `_gather`: a sequence in scan order back to token order."""
-    grouped = t.reshape(t.shape[0], groups, -1, t.shape[-1])
-    return torch.zeros_like(grouped).scatter(-1, _index(t, positions, groups), grouped).view(t.shape)
+    grouped = _grouped(t, groups)
+    index = positions[None, :, None].expand(grouped.shape)
+    return torch.zeros_like(grouped).scatter(-1, index, grouped).view(t.shape)
 
 
 def scan_macs(batch: int, channels: int, length: int, state: int) -> int:

@@ -14,6 +14,9 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   contention  timm and ours beside --load busy processes, in fresh processes per thread count / OpenMP wait policy
   engines     ours in PyTorch, ONNX Runtime and OpenVINO over batch and image sizes (behind backend="auto")
   ort-profile ONNX Runtime's own profile of our fused graph: kernel time per operator type (--batch-size 1: batch 1)
+  ssm-profile self time per operator of one eager forward of the Mamba-block network (femto, token_mixer conv_ssm)
+  cross-scan  the fused scan at femto's stage 1 (batch 8, 4 directions): as the SSM mixer calls it (one copy of the
+              map, each direction's order by positions) against the same work read in order (copies laid out ahead)
   ceiling     a model's linears and convs alone, each timed on its own at its shape, against the whole network in
               timm, ours and every peer engine: how far any path could get past the best peer with these kernels
 
@@ -41,6 +44,8 @@ from mambaout.bench.paths import engine_paths, inference_paths, peer_paths, timm
 from mambaout.fast import FusedGatedCNNBlock, KernelSet
 from mambaout.fast.engines import OnnxRuntimeEngine, OpenVINOEngine, onnx_file
 from mambaout.fast.threads import ThreadFitter
+from mambaout.layers import selective_scan
+from mambaout.layers.ssm import scan_positions
 
 # torch.profiler operator name -> kind
 KINDS = {
@@ -423,6 +428,57 @@ def ceiling(args: argparse.Namespace) -> None:
     )
 
 
+def ssm_profile(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    model = mambaout.create_model(args.model, token_mixer="conv_ssm").eval()
+    x = torch.randn(args.batch_size, 3, 224, 224)
+    ops = defaultdict(float)
+    with torch.no_grad():
+        model(x)
+        for _ in range(args.repeats):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                model(x)
+            for event in prof.key_averages():
+                ops[event.key] += event.self_cpu_time_total / 1e3 / args.repeats
+    total = sum(ops.values())
+    print(f"{args.model}, token_mixer conv_ssm, batch {args.batch_size}, 224², {torch.get_num_threads()} threads; ")
+    print(f"self CPU ms per eager forward by operator (torch.profiler, {args.repeats} forwards)\n")
+    print("| operator | ms | share |\n|---|---|---|")
+    for op in sorted(ops, key=lambda k: -ops[k])[: args.top]:
+        print(f"| {op} | {ops[op]:.0f} | {100 * ops[op] / total:.0f}% |")
+    print(f"| whole forward | {total:.0f} | |")
+
+
+def cross_scan(args: argparse.Namespace) -> None:
+    batch, channels, directions, state, side = args.batch_size, 48, 4, 16, 56
+    length = side * side
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(batch, length, channels, generator=gen)  # the map, channels-last: [B, L, C]
+    bc = torch.randn(batch, length, directions, 2 * state, generator=gen).permute(0, 2, 3, 1)  # [B, K, 2N, L]
+    delta = torch.randn(batch, directions * channels, length, generator=gen) * 0.5
+    A = -torch.rand(directions * channels, state, generator=gen) * 4
+    D, bias = torch.randn(directions * channels, generator=gen), torch.randn(directions * channels, generator=gen)
+    B, C = bc.split(state, dim=2)
+    laid_out = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in (B, C)]
+    as_called = (tokens.transpose(1, 2), B, C, scan_positions(side, side, directions, torch.device("cpu")))
+    in_order = (tokens.transpose(1, 2).contiguous(), *laid_out, None)
+
+    def call(u, B, C, positions):
+        def run() -> None:
+            with torch.no_grad():
+                selective_scan(u, delta, A, B, C, D, bias, True, positions=positions)
+
+        return run
+
+    paths = [BenchPath("as the SSM mixer calls it", call(*as_called)), BenchPath("read in order", call(*in_order))]
+    times = median_ms(paths, args.repeats)
+    print(f"fused scan, batch {batch}, {directions}×{channels} channels, L = {length}, N = {state}, "
+          f"{torch.get_num_threads()} threads; median of {args.repeats} interleaved calls\n")  # fmt: skip
+    print("| inputs | ms |\n|---|---|")
+    for name, ms in times.items():
+        print(f"| {name} | {ms:.1f} |")
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
@@ -438,6 +494,8 @@ PROBES = {
     "engines": engines,
     "ort-profile": ort_profile,
     "ceiling": ceiling,
+    "ssm-profile": ssm_profile,
+    "cross-scan": cross_scan,
 }
 
 
@@ -449,8 +507,8 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=3, help="allocator: process pairs (3)")
     parser.add_argument("--malloc", choices=mambaout.fast.allocator.MALLOC_MODES, default="tuned")
     parser.add_argument("--load", type=int, default=1, help="contention: busy processes beside the runs (1)")
-    parser.add_argument("--model", default="mambaout_femto", help="ceiling, train-profile: the variant (femto)")
-    parser.add_argument("--top", type=int, default=20, help="train-profile: operators listed (20)")
+    parser.add_argument("--model", default="mambaout_femto", help="ceiling, train-profile, ssm-profile: variant")
+    parser.add_argument("--top", type=int, default=20, help="train-profile, ssm-profile: operators listed (20)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = parser.parse_args()
     if args.malloc == "tuned":

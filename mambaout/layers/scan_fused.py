@@ -167,7 +167,7 @@ def _threads(delta: torch.Tensor, state: int) -> int:
 
 def _call(args: _ScanArgs) -> None:
     if kernel().mambaout_scan(ctypes.byref(args)) != 0:
-        raise MemoryError("the fused selective-scan kernel could not allocate its working memory or threads")
+        raise MemoryError("the fused selective-scan kernel could not allocate its working memory")
 
 
 @torch.library.custom_op("mambaout::selective_scan_fused", mutates_args=())

@@ -209,3 +209,24 @@ def test_unknown_model_name_suggests_the_closest():
 def test_mismatched_depths_and_dims_are_rejected():
     with pytest.raises(ValueError, match="same length"):
         MambaOut(depths=(1, 1), dims=(8, 16, 32))
+
+
+@pytest.mark.parametrize("stride", [4, 2, 1])
+def test_stem_stride_keeps_more_tokens_with_the_same_parameters(stride):
+    kwargs = {"depths": (1, 1, 1, 1), "dims": (8, 16, 24, 32), "num_classes": 2}
+    model = MambaOut(stem_stride=stride, **kwargs).eval()
+    paper = MambaOut(**kwargs)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in paper.parameters())
+    assert [f["reduction"] for f in model.feature_info] == [stride, 2 * stride, 4 * stride, 8 * stride]
+    x = torch.randn(2, 3, 32, 32)
+    feats = model.forward_intermediates(x, intermediates_only=True)
+    assert [f.shape[-1] for f in feats] == [32 // stride, 16 // stride, 8 // stride, 4 // stride]
+    assert model(x).shape == (2, 2)
+    # one stage is the isotropic layout: every block on the stem's map (Pathfinder-32: 1,024 tokens)
+    iso = MambaOut(depths=(2,), dims=(8,), stem_stride=stride, num_classes=2)
+    assert iso.forward_features(x).shape == (2, 32 // stride, 32 // stride, 8)
+
+
+def test_a_stem_stride_other_than_4_2_1_is_refused():
+    with pytest.raises(ValueError, match=r"stem stride must be one of \(4, 2, 1\), got 3"):
+        MambaOut(depths=(1,), dims=(8,), stem_stride=3)

@@ -1,6 +1,7 @@
 """mambaout.data.pathfinder: determinism, balanced labels, markers on the snakes the label says, equal ink."""
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,3 +99,16 @@ def test_config_follows_lra():
 def test_bad_arguments_raise(size, contour_length, seed, match):
     with pytest.raises(ValueError, match=match):
         make_sample(size, contour_length, seed)
+
+
+def test_readmes_picture_is_what_the_generator_draws_today():
+    import importlib.util
+
+    from PIL import Image
+
+    root = Path(__file__).parents[1]
+    spec = importlib.util.spec_from_file_location("pathfinder_figure", root / "scripts" / "pathfinder_figure.py")
+    figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure)
+    committed = np.asarray(Image.open(root / "docs" / "pathfinder_samples.png"))
+    np.testing.assert_array_equal(committed, figure.draw(), err_msg="rerun scripts/pathfinder_figure.py")

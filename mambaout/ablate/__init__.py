@@ -1,5 +1,6 @@
 """The paper's argument at a scale anyone can rerun: the long-sequence analysis, measured cost against tokens, the
-token-mixer ablation, and the mixers' effective receptive fields."""
+token-mixer ablation (with a grid of further settings, compared paired by seed), and the mixers' effective receptive
+fields."""
 
 from mambaout.ablate.erf import (
     DEFAULT_ERF_MIXERS,
@@ -10,8 +11,15 @@ from mambaout.ablate.erf import (
     plot_erf,
     run_erf,
 )
-from mambaout.ablate.report import MixerSummary, plot_ablation, results_markdown, summarize
-from mambaout.ablate.runner import DEFAULT_MIXERS, AblationSettings, run_ablation
+from mambaout.ablate.report import (
+    PairedDifference,
+    RowSummary,
+    paired_difference,
+    plot_ablation,
+    results_markdown,
+    summarize,
+)
+from mambaout.ablate.runner import DEFAULT_MIXERS, AblationSettings, parse_grid, run_ablation
 from mambaout.ablate.scaling import (
     ScalingResult,
     ScalingSettings,
@@ -32,7 +40,8 @@ __all__ = [
     "AblationSettings",
     "ErfMap",
     "ErfSettings",
-    "MixerSummary",
+    "PairedDifference",
+    "RowSummary",
     "ScalingResult",
     "ScalingSettings",
     "TokenRow",
@@ -43,7 +52,9 @@ __all__ = [
     "growth_fits",
     "mass_radii",
     "model_rows",
+    "paired_difference",
     "paper_table",
+    "parse_grid",
     "plot_ablation",
     "plot_erf",
     "plot_scaling",

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from mambaout.cli.args import add_force, add_malloc, integer, number
-from mambaout.data import list_images
+from mambaout.data import list_images, named_inputs
 from mambaout.dense.inference import (
     load_dense_model,
     predict_detections,
@@ -44,7 +44,7 @@ def add_actions(parser: argparse.ArgumentParser, task: type[Task], examples: str
 
     evaluate = actions.add_parser("eval", help="COCO box/mask AP or mIoU of a checkpoint, printed and written as JSON")
     evaluate.add_argument("--checkpoint", required=True, help=f"a `{task.command}` checkpoint (best.pth)")
-    evaluate.add_argument("--data", help="dataset root (default: the run's own, or the embedded example)")
+    evaluate.add_argument("--data", help="dataset root or data name (default: the run's own)")
     evaluate.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     evaluate.add_argument("--batch-size", type=integer(1), default=2, help="images per batch (2; segmentation: 1)")
     evaluate.add_argument("--workers", type=integer(0), default=min(2, os.cpu_count() or 1), help="loader processes")
@@ -56,7 +56,9 @@ def add_actions(parser: argparse.ArgumentParser, task: type[Task], examples: str
     evaluate.set_defaults(run=lambda args: _evaluate(args, task))
 
     predict = actions.add_parser("predict", help="PNG overlays and JSON for images and folders")
-    predict.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)")
+    predict.add_argument(
+        "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive), or a data name"
+    )
     predict.add_argument("--checkpoint", required=True, help=f"a `{task.command}` checkpoint (best.pth)")
     predict.add_argument(
         "--output", metavar="DIR", help=f"folder for the PNGs and JSON (default: {task.name}-predictions)"
@@ -122,7 +124,8 @@ def _evaluate(args: argparse.Namespace, task: type[Task]) -> int:
 
 
 def _predict(args: argparse.Namespace, task: type[Task]) -> int:
-    files, skipped_links = list_images(args.images) if all(Path(p).exists() for p in args.images) else _missing(args)
+    paths = named_inputs(args.images, "detection" if task is Detection else "segmentation")
+    files, skipped_links = list_images(paths) if all(Path(p).exists() for p in paths) else _missing(paths)
     if not files:
         raise UserError(f"no image files in {', '.join(args.images)}")
     folder = Path(args.output or f"{task.name}-predictions").expanduser()
@@ -156,8 +159,8 @@ def _predict(args: argparse.Namespace, task: type[Task]) -> int:
     return 0
 
 
-def _missing(args: argparse.Namespace) -> tuple:
-    missing = next(p for p in args.images if not Path(p).exists())
+def _missing(paths: list[str]) -> tuple:
+    missing = next(p for p in paths if not Path(p).exists())
     raise UserError(f"{missing}: no such file or folder")
 
 

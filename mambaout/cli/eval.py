@@ -31,7 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, or 'official'/'timm'")
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
     parser.add_argument(
-        "--data", help="ImageFolder tree <data>/<class>/<images>, or a dataset root (default: a run's own val split)"
+        "--data",
+        help="ImageFolder tree <data>/<class>/<images>, a dataset root or a data name (default: a run's own val split)",
     )
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument(

@@ -28,7 +28,9 @@ from mambaout.weights.io import atomic_write
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)")
+    parser.add_argument(
+        "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive), or a data name"
+    )
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
     parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, 'official'/'timm' (default)")
     parser.add_argument("--top", type=integer(1), default=5, help="classes shown per image (5)")

@@ -1,16 +1,19 @@
-"""Data: an ImageFolder that survives bad files, the bundled digits default, the Pathfinder generator, transforms,
+"""Data: an ImageFolder that survives bad files, the bundled digits default, the Pathfinder generator and
+the data names that write its trees, transforms,
 samplers, class names."""
 
 from mambaout.data.digits import cache_dir, digits_tree
 from mambaout.data.folder import ImageFiles, RobustImageFolder, TransformFailed
 from mambaout.data.images import ImageScan, UnreadableImage, list_images, load_image, scan_images, to_rgb
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
+from mambaout.data.named import DataName, data_label, named_inputs, parse_data_name, resolve_data
 from mambaout.data.pathfinder import PathfinderConfig, PathfinderSample, make_sample, make_samples
 from mambaout.data.samplers import ResumableSampler, ShardSampler
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 
 __all__ = [
     "IMAGENET_CLASSES",
+    "DataName",
     "ImageFiles",
     "ImageScan",
     "PathfinderConfig",
@@ -22,6 +25,7 @@ __all__ = [
     "UnreadableImage",
     "cache_dir",
     "data_config",
+    "data_label",
     "digits_tree",
     "eval_transform",
     "imagenet_class_names",
@@ -30,6 +34,9 @@ __all__ = [
     "load_image",
     "make_sample",
     "make_samples",
+    "named_inputs",
+    "parse_data_name",
+    "resolve_data",
     "scan_images",
     "to_rgb",
     "train_transform",

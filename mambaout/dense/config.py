@@ -88,7 +88,9 @@ class SegmentConfig(_DenseConfig):
     """A semantic segmentation run: UperNet with an auxiliary FCN head, trained on an ADE20K-style dataset."""
 
     data: str | None = setting(
-        None, "ADE20K-style root (images/ and annotations/, each training/ and validation/); default the embedded IHC"
+        None,
+        "ADE20K-style root (images/ and annotations/, each training/ and validation/), or "
+        "pathfinder-seg:SIZE-LENGTH[:N[/M]]; default the embedded IHC",
     )
     iters: int | None = setting(160_000, "optimizer steps to train instead of --epochs (the last epoch stops part-way)")
     warmup_iters: int | None = setting(1500, "linear warmup in optimizer steps instead of --warmup-epochs")

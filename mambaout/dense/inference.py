@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from mambaout.data import ShardSampler, load_image
+from mambaout.data import ShardSampler, load_image, resolve_data
 from mambaout.data.images import UnreadableImage
 from mambaout.dense.tasks import Detection, build_detector, build_segmenter, coco_results
 from mambaout.dense.transforms import segmentation_transform
@@ -112,7 +112,8 @@ def load_dense_model(
 def validation_loader(dense: DenseModel, data: str | None, env: DistEnv, batch_size: int, workers: int) -> tuple:
     """(dataset, loader) of the validation split of `data` (default: the run's own), a shard per rank."""
     runner_task = dense.task(dense.config if data is None else _with_data(dense.config, data), env)
-    root = Path(runner_task.config.data).expanduser() if runner_task.config.data else _default_root(dense.task)
+    kind = "detection" if dense.task is Detection else "segmentation"
+    root = resolve_data(runner_task.config.data, kind, lambda: _default_root(dense.task))
     if dense.task is Detection:
         dataset = runner_task.val_dataset(root, dense.category_ids)
         if dataset.class_names != dense.class_names:

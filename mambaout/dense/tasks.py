@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from mambaout.data import parse_data_name, resolve_data
 from mambaout.dense.config import DETECT_RECIPES, SEGMENT_RECIPES, DetectConfig, SegmentConfig
 from mambaout.dense.data import IGNORE_INDEX, AdeSegmentation, CocoDetection, ade_split, coco_split, encode_mask
 from mambaout.dense.detector import create_detector
@@ -297,15 +298,15 @@ class Detection(_DenseTask):
     val_set: CocoDetection
 
     @classmethod
-    def default_recipe(cls, model: str, has_data: bool) -> str | None:
-        if not has_data:
+    def default_recipe(cls, model: str, data: str | None) -> str | None:
+        if not data:
             return "coins_cpu"
         name = f"mask_rcnn_{model.removeprefix('mambaout_')}_coco"
         return name if (DETECT_RECIPES / f"{name}.yaml").is_file() else None
 
     def build_data(self, checkpoint: dict[str, Any] | None) -> None:
         config = self.config
-        root = Path(config.data).expanduser() if config.data else coins_coco()
+        root = resolve_data(config.data, "detection", coins_coco)
         train = CocoDetection(*coco_split(root, "train"), train=True, masks=config.kind == "mask_rcnn")
         train.pipeline = detection_transform(True, config.min_size, config.max_size, config.hflip)
         self.train_set, self.val_set, self.data_root = train, self.val_dataset(root, train.category_ids), root
@@ -387,15 +388,17 @@ class Segmentation(_DenseTask):
     val_set: AdeSegmentation
 
     @classmethod
-    def default_recipe(cls, model: str, has_data: bool) -> str | None:
-        if not has_data:
+    def default_recipe(cls, model: str, data: str | None) -> str | None:
+        if not data:
             return "ihc_cpu"
+        if parse_data_name(data) is not None:
+            return "pathfinder_seg_cpu"
         name = f"upernet_{model.removeprefix('mambaout_')}_ade20k"
         return name if (SEGMENT_RECIPES / f"{name}.yaml").is_file() else None
 
     def build_data(self, checkpoint: dict[str, Any] | None) -> None:
         config = self.config
-        root = Path(config.data).expanduser() if config.data else ihc_ade()
+        root = resolve_data(config.data, "segmentation", ihc_ade)
         self.class_names = read_class_names(root, config.num_classes)
         if checkpoint is not None and checkpoint.get("class_names") != self.class_names:
             raise UserError(f"the classes of {root} differ from those of the run being resumed")

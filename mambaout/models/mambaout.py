@@ -67,6 +67,10 @@ class MambaOutStage(nn.Module):
 class MambaOut(nn.Module):
     """The MambaOut network: stem (stride 4), four stages (strides 4, 8, 16, 32), MLP head.
 
+    `stem_stride` 2 or 1 keeps 4 or 16 times the tokens in every stage (strides s, 2s, 4s, 8s) with the same
+    parameters: Pathfinder's 32² images then give stage 1 1,024 tokens, past τ = 6·D for widths up to 170. One stage
+    (`depths=[n]`, `dims=[d]`) makes the network isotropic: every block sees the stem's map.
+
     Args:
         depths: Blocks per stage.
         dims: Channels per stage.
@@ -87,6 +91,7 @@ class MambaOut(nn.Module):
             a factory.
         mixer_kwargs: Extra keyword arguments of every token mixer (e.g. `{"scan_directions": 2}`).
         global_pool: The head's pooling: "avg" (paper), "max", "avgmax", or "" (the head runs at every position).
+        stem_stride: The stem's stride: 4 (paper), 2 or 1.
     """
 
     output_fmt = "NHWC"  # what forward_features returns; timm's feature wrappers read it
@@ -110,6 +115,7 @@ class MambaOut(nn.Module):
         token_mixer: str | TokenMixer = "conv",
         mixer_kwargs: dict | None = None,
         global_pool: str = "avg",
+        stem_stride: int = 4,
     ):
         super().__init__()
         if len(depths) != len(dims):
@@ -118,7 +124,7 @@ class MambaOut(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.num_features = dims[-1]
-        self.stem = Stem(in_chans, dims[0], mid_norm=stem_mid_norm, act_layer=act)
+        self.stem = Stem(in_chans, dims[0], mid_norm=stem_mid_norm, act_layer=act, stride=stem_stride)
         rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").split(list(depths))
         self.stages = nn.Sequential()
         self.feature_info = []
@@ -140,7 +146,7 @@ class MambaOut(nn.Module):
                     mixer_kwargs=mixer_kwargs,
                 )
             )
-            self.feature_info.append({"num_chs": dim, "reduction": 4 * 2**i, "module": f"stages.{i}"})
+            self.feature_info.append({"num_chs": dim, "reduction": stem_stride * 2**i, "module": f"stages.{i}"})
         # the head keeps exact GELU even where the blocks use SiLU, as in timm's published rw weights
         self.head = MlpHead(
             dims[-1], num_classes, hidden_norm=head_hidden_norm, drop_rate=drop_rate, pool_type=global_pool

@@ -203,7 +203,9 @@ class TrainConfig(RunConfig):
     """A classification run: the engine's settings and the ImageNet recipe's data and regularization."""
 
     num_classes: int | None = setting(None, "classifier outputs; default the number of class folders")
-    data: str | None = setting(None, "ImageFolder root with train/ and val/; default the bundled digits")
+    data: str | None = setting(
+        None, "ImageFolder root with train/ and val/, or pathfinder:SIZE-LENGTH[:N[/M]]; default the bundled digits"
+    )
     base_lr: float = setting(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
     drop_path: float = setting(
         0.025, "stochastic depth of the last block (femto/kobe 0.025, tiny 0.2, small 0.4, base 0.6)"

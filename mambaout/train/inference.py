@@ -14,7 +14,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mambaout.data import ImageFiles, RobustImageFolder, ShardSampler, digits_tree, list_images
+from mambaout.data import (
+    ImageFiles,
+    RobustImageFolder,
+    ShardSampler,
+    digits_tree,
+    list_images,
+    named_inputs,
+    resolve_data,
+)
 from mambaout.data.folder import class_folders
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
 from mambaout.data.transforms import data_config, eval_transform
@@ -107,7 +115,7 @@ def load_classifier(
             saved.get("mean"),
             saved.get("std"),
         )
-        root = Path(saved["data"]).expanduser() if saved.get("data") else digits_tree()
+        root = resolve_data(saved.get("data"), "classification", digits_tree)
         return Classifier(model.to(device).eval(), model_name, names, names, data, str(checkpoint), root / "val")
     if not model_name:
         raise UserError(
@@ -128,8 +136,9 @@ def load_classifier(
 
 
 def resolve_eval_folder(root: str | os.PathLike) -> Path:
-    """The class-folder tree to evaluate: `root`, or `root/val` when `root` is a dataset root (`train/` and `val/`)."""
-    root = Path(root).expanduser()
+    """The class-folder tree to evaluate: `root`, or `root/val` when `root` is a dataset root (`train/` and `val/`);
+    a data name (`pathfinder:32-14`) stands for its tree."""
+    root = resolve_data(root, "classification", digits_tree)
     if (root / "train").is_dir() and (root / "val").is_dir():
         return root / "val"
     return root
@@ -220,11 +229,13 @@ def evaluate_folder(
 
 
 def find_images(paths: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """The image files among `paths` (files, or folders searched recursively) and the links skipped on the way.
+    """The image files among `paths` (files, or folders searched recursively; a data name, `pathfinder:32-14`, for
+    its validation images) and the links skipped on the way.
 
     Raises:
         UserError: A path does not exist, or no image file was found.
     """
+    paths = named_inputs(paths, "classification")
     try:
         files, skipped = list_images(paths)
     except FileNotFoundError as e:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
-from mambaout.data import ResumableSampler, ShardSampler, TransformFailed
+from mambaout.data import ResumableSampler, ShardSampler, TransformFailed, data_label
 from mambaout.errors import UserError, describe
 from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import CONFIG_DIR, RunConfig, build_config, flag, load_config_file
@@ -142,8 +142,9 @@ class Task(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def default_recipe(cls, model: str, has_data: bool) -> str | None:
-        """The recipe used without --config, or None for the config class's defaults."""
+    def default_recipe(cls, model: str, data: str | None) -> str | None:
+        """The recipe used without --config for `--data` (None: the embedded default), or None for the config
+        class's defaults."""
 
     @abc.abstractmethod
     def build_data(self, checkpoint: dict[str, Any] | None) -> None:
@@ -231,7 +232,7 @@ def prepare_run(
         return _resumed_config(task, checkpoint, overrides, path), checkpoint
     cls = task.config_class
     model = str(overrides.get("model", cls.model))
-    name = config_file or task.default_recipe(model, bool(overrides.get("data")))
+    name = config_file or task.default_recipe(model, overrides.get("data") or None)
     recipe = load_config_file(name, cls, task.recipes) if name else {}
     return build_config(None, recipe, _kept_in_proportion(cls, recipe, overrides), cls=cls), None
 
@@ -740,7 +741,7 @@ def fused_step_name(optimizer: torch.optim.Optimizer, config: RunConfig) -> str:
 
 
 def _default_output(config: RunConfig, default_data: str) -> str:
-    data = Path(config.data).expanduser().resolve().name if config.data else default_data
+    data = data_label(config.data) if config.data else default_data
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{config.model.removeprefix('mambaout_')}-{data}-{stamp}")
 

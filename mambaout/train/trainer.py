@@ -7,7 +7,6 @@ paper's recipe from timm's parts (RandAugment, mixup/cutmix, label smoothing, ra
 """
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mambaout.data import RobustImageFolder, digits_tree
+from mambaout.data import RobustImageFolder, digits_tree, parse_data_name, resolve_data
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 from mambaout.errors import UserError
 from mambaout.fast.train_step import auto_train_micro_batch
@@ -47,10 +46,13 @@ __all__ = [
 ]
 
 
-def default_recipe(model: str, has_data: bool) -> str | None:
-    """The recipe used without --config: `digits_cpu` for the embedded default, else `<variant>_in1k` if any."""
-    if not has_data:
+def default_recipe(model: str, data: str | None) -> str | None:
+    """The recipe used without --config: `digits_cpu` for the embedded default, `pathfinder_cpu` for a Pathfinder
+    name, else `<variant>_in1k` if any."""
+    if not data:
         return "digits_cpu"
+    if parse_data_name(data) is not None:
+        return "pathfinder_cpu"
     name = f"{model.removeprefix('mambaout_')}_in1k"
     return name if (CONFIG_DIR / f"{name}.yaml").is_file() else None
 
@@ -75,12 +77,12 @@ class Classification(Task):
     config: TrainConfig
 
     @classmethod
-    def default_recipe(cls, model: str, has_data: bool) -> str | None:
-        return default_recipe(model, has_data)
+    def default_recipe(cls, model: str, data: str | None) -> str | None:
+        return default_recipe(model, data)
 
     def build_data(self, checkpoint: dict[str, Any] | None) -> None:
         config = self.config
-        root = Path(config.data).expanduser() if config.data else digits_tree()
+        root = resolve_data(config.data, "classification", digits_tree)
         for split in ("train", "val"):
             if not (root / split).is_dir():
                 raise UserError(f"--data {root}: no {split}/ folder (expected {root}/train/<class>/<images> and val/)")

@@ -1,6 +1,8 @@
 """`mambaout ablate`: tiny two-mixer ablations on a synthetic tree through the real engine; results, table and plot;
 finished runs skipped, an interrupted run resumed, other settings in the same folder refused; `--grid` parsing,
-grid rows reaching the runs' configs, growing a grid, and the paired-by-seed intervals against scipy."""
+grid rows reaching the runs' configs, growing a grid, and the paired-by-seed intervals against scipy;
+`--task segment` on a tiny Pathfinder-segmentation tree with per-class IoU, and `--metric` re-reporting the same
+runs."""
 
 import json
 import os
@@ -23,6 +25,8 @@ from mambaout.ablate import (
 )
 from mambaout.ablate import runner as ablate_runner
 from mambaout.cli import main
+from mambaout.data.named import SEGMENT_CLASSES
+from mambaout.dense.config import SEGMENT_RECIPES
 from mambaout.errors import UserError
 from mambaout.train import TrainingInterrupted, load_classifier
 from mambaout.train.checkpoint import read_checkpoint
@@ -104,8 +108,8 @@ def test_legacy_records_without_settings_summarise_by_mixer_against_the_first():
     results = [_run("conv", 0, 90.0), _run("conv", 1, 92.0), _run("causal_conv", 0, 85.0), _run("causal_conv", 1, 86.0)]
     conv, causal = summarize(results)
     assert conv.settings == {"token_mixer": "conv"} and causal.settings == {"token_mixer": "causal_conv"}
-    assert (conv.runs, conv.top1, conv.top1_std) == (2, 91.0, pytest.approx(2**0.5))
-    assert causal.top1 == 85.5 and causal.infer_img_per_s == 200.5
+    assert (conv.runs, conv.mean, conv.std) == (2, 91.0, pytest.approx(2**0.5))
+    assert causal.mean == 85.5 and causal.infer_img_per_s == 200.5 and causal.others == {"top5": 100.0}
     assert causal.delta.n == 2 and causal.delta.mean == pytest.approx(-5.5)  # d = -5, -6
     assert conv.chance is None
     table = results_markdown(results, "title", "mambaout ablate")
@@ -126,7 +130,7 @@ def test_legacy_ablation_on_disk_is_found_again_without_training(recipe, tmp_pat
     def no_training(*args, **kwargs):
         raise AssertionError("a recorded run was trained again")
 
-    monkeypatch.setattr(ablate_runner, "train", no_training)
+    monkeypatch.setattr(ablate_runner, "run_training", no_training)
     assert [r["mixer"] for r in run_ablation(settings(recipe, out), log=lambda _: None)] == ["conv", "conv_ssm"]
     assert "| conv_ssm | 1 | 80.00 ± 0.00 | +5.00 (n=1, no interval) | 1 |" in (out / "results.md").read_text()
     with pytest.raises(UserError, match=r"grid \[\] here, \['kernel_size'\] now"):
@@ -167,7 +171,7 @@ def test_grid_table_has_a_row_per_setting_in_grid_order_with_paired_intervals_an
     three, seven, eleven = summarize(results, order)
     assert [r.settings["kernel_size"] for r in (three, seven, eleven)] == [3, 7, 11]
     half = stats.t.interval(0.95, 2, scale=stats.sem([90.0, 92.0, 91.0]))[1]
-    assert three.top1_interval == pytest.approx(half) and three.chance == 25.0
+    assert three.interval == pytest.approx(half) and three.chance == 25.0
     table = results_markdown(results, "title", "mambaout ablate", order)
     assert "| mixer | kernel_size | runs | top-1 (mean ± std) | Δ top-1 vs conv, kernel_size=3 [95% CI] | n |" in table
     assert "| conv | 3 | 3 | 91.00 ± 1.00 | reference | 3 |" in table
@@ -302,3 +306,142 @@ def test_a_bad_grid_value_stops_before_anything_is_written_and_the_corrected_gri
     assert not out.exists()
     (result,) = run_ablation(settings(recipe, out, mixers=("conv",), grid={"dims": ([8, 16, 24, 32],)}, epochs=1))
     assert result["model_kwargs"]["dims"] == [8, 16, 24, 32] and (out / "runs" / "conv-dims=8x16x24x32-seed0").is_dir()
+
+
+def test_top5_metric_names_the_table_and_keeps_top1_beside_it():
+    results = [_run("conv", s, 90.0 + s, num_classes=10, top5=98.0 - s) for s in (0, 1)]
+    results += [_run("conv_ssm", s, 80.0, num_classes=10, top5=99.0) for s in (0, 1)]
+    table = results_markdown(results, "title", "mambaout ablate --metric top5", metric="top5")
+    assert "| mixer | runs | top-5 (mean ± std) | Δ top-5 vs conv [95% CI] | n | top-1 | params (M) |" in table
+    assert "| conv | 2 | 97.50 ± 0.71 | reference | 2 | 90.50 |" in table
+    assert "| conv_ssm | 2 | 99.00 ± 0.00 | +1.50 [-4.85, +7.85] | 2 | 80.00 |" in table
+    assert "- chance: 50.00% top-5 (5 of 10 classes)" in table and "- Δ top-5: each row minus" in table
+
+
+def _segmentation_run(mixer, seed, joined):
+    """A results.jsonl record as `_segmentation_record` writes it."""
+    class_iou = {"background": 90.0, "target_apart": 10.0, "target_joined": joined}
+    figures = {"miou": 50.0, "macc": 60.0, "aacc": 95.0, "class_iou": class_iou, "num_classes": 3, "iters": 2}
+    record = _run(mixer, seed, 0.0, {"token_mixer": mixer}, backbone_params=4, **figures)
+    return {k: v for k, v in record.items() if k not in ("top1", "top5")}
+
+
+def test_a_class_iou_metric_leaves_out_runs_where_the_class_is_undefined_and_shows_no_chance(tmp_path):
+    results = [_segmentation_run("conv", 0, 20.0), _segmentation_run("conv", 1, 30.0)]
+    results += [
+        _segmentation_run("conv_ssm", 0, 40.0),
+        _segmentation_run("conv_ssm", 1, None),
+    ]  # neither labelled nor predicted
+    conv, ssm = summarize(results, metric="iou:target_joined")
+    assert (conv.mean, ssm.mean, ssm.runs, ssm.by_seed) == (25.0, 40.0, 2, {0: 40.0})
+    assert ssm.delta.n == 1 and ssm.delta.mean == 20.0 and ssm.chance is None and ssm.others["miou"] == 50.0
+    table = results_markdown(results, "title", "mambaout ablate --task segment", metric="iou:target_joined")
+    header = "| mixer | runs | IoU target_joined (mean ± std) | Δ IoU target_joined vs conv [95% CI] | n |"
+    assert header + " mIoU | mAcc | aAcc | params (M) | backbone params (M) | MMACs/img |" in table
+    assert "| conv_ssm | 2 | 40.00 ± 0.00 | +20.00 (n=1, no interval) | 1 | 50.00 | 60.00 | 95.00 | 0.000 |" in table
+    assert "chance" not in table and "class_iou" in table
+    plot = plot_ablation(results, tmp_path / "seg.png", "title", metric="iou:target_joined")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def segment_recipe(tmp_path, monkeypatch):
+    """pathfinder_seg_cpu cut to two steps of two images with narrow heads; the data tree written under tmp_path."""
+    monkeypatch.setenv("MAMBAOUT_CACHE", str(tmp_path / "cache"))
+    recipe = yaml.safe_load((SEGMENT_RECIPES / "pathfinder_seg_cpu.yaml").read_text())
+    recipe.update(iters=2, warmup_iters=0, batch_size=2, eval_interval=1, threads=1, workers=0, amp="none")
+    recipe.update(head_channels=16, aux_channels=8)
+    path = tmp_path / "seg_tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _segment_argv(recipe, out, *extra):
+    tiny = "{depths: [1, 1, 1, 1], dims: [8, 16, 24, 32], stem_stride: 1}"
+    argv = ["ablate", "--task", "segment", "--mixers", "conv,conv_ssm", "--data", "pathfinder-seg:32-6:4/2"]
+    return [*argv, "--model-kwargs", tiny, "--config", str(recipe), "--seeds", "1", "--output", str(out), *extra]
+
+
+def test_segmentation_ablation_records_class_iou_and_another_metric_only_rewrites_the_report(
+    segment_recipe, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "seg"
+    assert main(_segment_argv(segment_recipe, out, "--metric", "iou:target_joined")) == 0
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["mixer"], r["seed"], r["iters"], r["epochs"]) for r in results] == [
+        ("conv", 0, 2, 1),
+        ("conv_ssm", 0, 2, 1),
+    ]
+    for r in results:
+        assert list(r["class_iou"]) == list(SEGMENT_CLASSES) and r["num_classes"] == 3
+        assert all(0 <= r[k] <= 100 for k in ("miou", "macc", "aacc"))
+        assert r["params"] > r["backbone_params"] > 0 and r["macs"] > 0 and r["infer_img_per_s"] > 0
+        assert r["model_kwargs"] == {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32], "stem_stride": 1,
+                                     "token_mixer": r["mixer"]}  # fmt: skip
+        # the final evaluation of last.pth is the engine's own: the same mIoU as the last epoch's record
+        assert RunDir(r["run_dir"]).read_metrics()[-1]["val_miou"] == pytest.approx(r["miou"])
+        assert read_checkpoint(out / "runs" / f"{r['mixer']}-seed0" / "last.pth")["task"] == "segmentation"
+    by_mixer = {r["mixer"]: r for r in results}
+    assert by_mixer["conv_ssm"]["macs"] > by_mixer["conv"]["macs"]  # the scan's MACs are counted
+    assert json.loads((out / "ablation.json").read_text())["task"] == "segment"
+    table = (out / "results.md").read_text()
+    assert "| mixer | runs | IoU target_joined (mean ± std) | Δ IoU target_joined vs conv [95% CI] |" in table
+    assert "--task segment --mixers conv,conv_ssm --seeds 1 --metric iou:target_joined" in table
+    assert "UperNet on mambaout_femto" in table and "2 steps" in table and "chance" not in table
+    capsys.readouterr()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a recorded run was trained again")
+
+    monkeypatch.setattr(ablate_runner, "run_training", no_training)
+    png = (out / "ablation.png").read_bytes()
+    assert main(_segment_argv(segment_recipe, out, "--metric", "macc")) == 0
+    assert "2 run(s) already recorded in results.jsonl, 0 to go" in capsys.readouterr().out
+    table = (out / "results.md").read_text()
+    assert "| mixer | runs | mAcc (mean ± std) | Δ mAcc vs conv [95% CI] | n | mIoU | aAcc |" in table
+    assert "--metric macc" in table and "IoU target_joined" not in table
+    assert (out / "ablation.png").read_bytes() != png
+    assert [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()] == results
+
+    assert main(_segment_argv(segment_recipe, out, "--metric", "iou:target_lost")) == 2  # checked on the records
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no class 'target_lost'; choose from miou, macc, aacc or iou:background" in err[0]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--metric", "miou"], "--metric miou: choose from top1, top5 (for --task classify)"),
+        (["--task", "segment", "--metric", "top1"], "--metric top1: choose from miou, macc, aacc or iou:CLASS"),
+        (["--task", "segment", "--metric", "iou:"], "--metric iou:: choose from miou, macc, aacc or iou:CLASS"),
+        (["--task", "detect"], "argument --task: invalid choice: 'detect'"),
+        (["--task", "segment", "--grid", "input_size=32"], "neither a run setting (`mambaout segment train --help`)"),
+        (["--task", "segment", "--epochs", "3"], "epochs 3 has no effect: pathfinder_seg_cpu trains for iters 3000"),
+    ],
+)
+def test_bad_task_and_metric_flags_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["ablate", "--mixers", "conv", *argv, "--output", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "a").exists()
+
+
+def test_an_unknown_class_is_refused_from_the_data_before_training(segment_recipe, tmp_path, capsys):
+    out = tmp_path / "seg"
+    assert main(_segment_argv(segment_recipe, out, "--metric", "iou:joined")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the data pathfinder-seg:32-6:4/2 has no class 'joined'" in err[0]
+    assert "iou:background, iou:target_apart, iou:target_joined" in err[0] and not out.exists()
+
+
+def test_the_command_gives_back_the_task_and_the_metric():
+    seg = AblationSettings(task="segment", mixers=("conv", "conv_ssm"), data="pathfinder-seg:32-6",
+                           metric="iou:target_joined", seeds=3)  # fmt: skip
+    assert seg.config == "pathfinder_seg_cpu" and "metric" not in seg.identity() and seg.identity()["task"] == "segment"
+    assert seg.command() == (
+        "mambaout ablate --task segment --mixers conv,conv_ssm --seeds 3 --metric iou:target_joined "
+        "--data pathfinder-seg:32-6 --output runs/ablate"
+    )
+    assert AblationSettings(mixers=("conv",), metric="top1").command() == (
+        "mambaout ablate --mixers conv --seeds 3 --output runs/ablate"
+    )

@@ -1,6 +1,6 @@
 """The paper's argument at a scale anyone can rerun: the long-sequence analysis, measured cost against tokens, the
-token-mixer ablation (with a grid of further settings, compared paired by seed), and the mixers' effective receptive
-fields."""
+token-mixer ablation (classification or segmentation, with a grid of further settings, compared paired by seed on
+a chosen metric: top-1, mIoU, one class's IoU, ...), and the mixers' effective receptive fields."""
 
 from mambaout.ablate.erf import (
     DEFAULT_ERF_MIXERS,
@@ -12,6 +12,8 @@ from mambaout.ablate.erf import (
     run_erf,
 )
 from mambaout.ablate.report import (
+    CLASSIFY_METRICS,
+    SEGMENT_METRICS,
     PairedDifference,
     RowSummary,
     paired_difference,
@@ -35,8 +37,10 @@ from mambaout.ablate.scaling import (
 from mambaout.ablate.tokens import TokenRow, model_rows, paper_table, token_row, transformer_flops
 
 __all__ = [
+    "CLASSIFY_METRICS",
     "DEFAULT_ERF_MIXERS",
     "DEFAULT_MIXERS",
+    "SEGMENT_METRICS",
     "AblationSettings",
     "ErfMap",
     "ErfSettings",

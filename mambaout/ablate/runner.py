@@ -1,22 +1,28 @@
 """`run_ablation`: the same network trained with each token mixer, and each combination of further settings, under
-one recipe, budget and set of seeds.
+one recipe, budget and set of seeds, for classification or semantic segmentation.
 
 The rows of an ablation are every combination of its axes: the token mixers first, then each `--grid KEY=V1,V2`
-in the order given (`itertools.product`, first values first). A grid key that is a run setting (a `TrainConfig`
-field: epochs, base_lr, drop_path, input_size, data, ...) overrides the recipe's; any other key is a model
-constructor argument (kernel_size, conv_ratio, dims, mixer_kwargs, ...) and joins `model_kwargs` beside the mixer.
+in the order given (`itertools.product`, first values first). A grid key that is a run setting (a field of the
+task's config, `TrainConfig` or `SegmentConfig`: epochs, iters, base_lr, lr, drop_path, input_size, crop_size,
+data, ...) overrides the recipe's; any other key is a model constructor argument (kernel_size, conv_ratio, dims,
+mixer_kwargs, ...) and joins `model_kwargs` beside the mixer (for segmentation, the backbone's).
 
     mambaout ablate --mixers conv --grid kernel_size=3,7,11 --seeds 3
     mambaout ablate --mixers conv,conv_ssm --grid data=pathfinder:32-6,pathfinder:32-14
+    mambaout ablate --task segment --mixers conv,conv_ssm --data pathfinder-seg:32-6 --metric iou:target_joined \
+        --seeds 3
 
-Every run is an ordinary training run of the one engine (`mambaout.train.prepare_run` + `train`) in
+Every run is an ordinary training run of the one engine (`mambaout.train.runner.prepare_run` + `run_training`
+with the task: `mambaout train`'s classification, or `mambaout segment train`'s segmentation) in
 `DIR/runs/<mixer>[-key=value...]-seed<k>/` (`DIR/runs/<mixer>-seed<k>/` without a grid), so its checkpoints work
-with `mambaout eval / predict / export` and `--resume auto`. After each run one line goes to `DIR/results.jsonl`
-(with the row's `settings`) and `DIR/results.md` (each row's top-1 against the first row's, paired by seed, with a
-95% interval) and `DIR/ablation.png` are redrawn. Rerunning the same command skips the runs that have their line,
-resumes an unfinished one from its `last.pth`, and refuses a DIR that holds an ablation with other settings; the
-mixers, the values of each grid key and the seeds may grow between reruns (only the new runs train), the grid's
-keys may not change.
+with the task's eval / predict (and export) and `--resume auto`. A segmentation run's last checkpoint is then
+evaluated as `mambaout segment eval` evaluates it, for its per-class IoU. After each run one line goes to
+`DIR/results.jsonl` (with the row's `settings`) and `DIR/results.md` (each row's metric against the first row's,
+paired by seed, with a 95% interval) and `DIR/ablation.png` are redrawn. The metric (`--metric`: top1 or top5;
+miou, macc, aacc or iou:CLASS) belongs to the report, not to the ablation: the same runs may be reported with
+another. Rerunning the same command skips the runs that have their line, resumes an unfinished one from its
+`last.pth`, and refuses a DIR that holds an ablation with other settings; the mixers, the values of each grid key
+and the seeds may grow between reruns (only the new runs train), the grid's keys may not change.
 """
 
 import contextlib
@@ -36,27 +42,57 @@ from typing import Any
 
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
-from mambaout.ablate.report import plot_ablation, record_settings, results_markdown, row_label, settings_key
+from mambaout.ablate.report import (
+    CLASS_IOU,
+    CLASSIFY_METRICS,
+    SEGMENT_METRICS,
+    plot_ablation,
+    record_settings,
+    results_markdown,
+    row_label,
+    settings_key,
+)
 from mambaout.bench.harness import BenchPath, load_average, measure
+from mambaout.data import resolve_data
+from mambaout.dense.config import SegmentConfig
+from mambaout.dense.examples import ihc_ade
+from mambaout.dense.inference import load_dense_model, validation_loader
+from mambaout.dense.tasks import Segmentation, build_segmenter, evaluate_segmentation, read_class_names
 from mambaout.errors import UserError, one_line
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import model_complexity
 from mambaout.models.mambaout import MambaOut
-from mambaout.train import TrainConfig, load_classifier, prepare_run, train
+from mambaout.train import load_classifier
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.config import build_config, load_config_file, load_yaml
+from mambaout.train.config import RunConfig, build_config, load_config_file, load_yaml
+from mambaout.train.distributed import init_distributed
+from mambaout.train.engine import resolve_amp
 from mambaout.train.rundir import RunDir
+from mambaout.train.runner import Task, prepare_run, run_training
+from mambaout.train.trainer import Classification
 from mambaout.weights.io import atomic_write
 
-__all__ = ["DEFAULT_MIXERS", "AblationSettings", "parse_grid", "run_ablation"]
+__all__ = [
+    "DEFAULT_METRICS",
+    "DEFAULT_MIXERS",
+    "DEFAULT_RECIPES",
+    "TASKS",
+    "AblationSettings",
+    "parse_grid",
+    "run_ablation",
+]
 
 DEFAULT_MIXERS = ("conv", "conv_ssm", "causal_conv", "attention", "causal_attention")
-DEFAULT_RECIPE = "ablate_digits"
+TASKS: dict[str, type[Task]] = {"classify": Classification, "segment": Segmentation}
+DEFAULT_RECIPES = {"classify": "ablate_digits", "segment": "pathfinder_seg_cpu"}
+DEFAULT_METRICS = {"classify": "top1", "segment": "miou"}
 # what must be the same for two runs to be compared (and for a rerun to continue an ablation); "grid" is the list
-# of grid keys, absent (no grid) in the ablation.json of ablations from before the grid
-_IDENTITY = ("config", "model", "model_kwargs", "data", "epochs", "grid")
-_RUN_SETTINGS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+# of grid keys, absent (no grid) in the ablation.json of ablations from before the grid, "task" absent (classify)
+# in those from before segmentation
+_IDENTITY = ("task", "config", "model", "model_kwargs", "data", "epochs", "grid")
+_LEGACY_IDENTITY = {"grid": [], "task": "classify"}
 # grid keys an ablation sets in other ways
 _NOT_AXES = {
     "seed": "--seeds sets the seeds",
@@ -145,36 +181,66 @@ def _model_arguments() -> list[str]:
     return [p for p in inspect.signature(MambaOut).parameters if p != "token_mixer"]
 
 
+def _run_settings(task: str) -> frozenset[str]:
+    """The run settings of `task`'s runs: its config's fields."""
+    return frozenset(f.name for f in dataclasses.fields(TASKS[task].config_class))
+
+
+def _metric_choices(task: str) -> str:
+    if task == "classify":
+        return ", ".join(CLASSIFY_METRICS)
+    return f"{', '.join(SEGMENT_METRICS)} or {CLASS_IOU}CLASS (a class's IoU, e.g. {CLASS_IOU}target_joined)"
+
+
 @dataclass
 class AblationSettings:
     """One ablation; maps 1:1 to `mambaout ablate` flags.
 
     Attributes:
+        task: "classify" (`mambaout train` runs) or "segment" (`mambaout segment train` runs).
         mixers: Token mixer names (`mambaout.layers.TOKEN_MIXERS`), the first axis; None: `grid["token_mixer"]`
             when given, else `DEFAULT_MIXERS`.
-        grid: Further axes, {key: values}: run settings (`TrainConfig` fields) or model constructor arguments.
-            A `token_mixer` key is the same as `mixers` (it moves there).
-        config: The recipe every run starts from (a path or a name in `mambaout/configs/`).
-        model: Registered model to train instead of the recipe's (its own architecture unless `model_kwargs`).
+        grid: Further axes, {key: values}: run settings (fields of the task's config, `TrainConfig` or
+            `SegmentConfig`) or model (backbone) constructor arguments. A `token_mixer` key is the same as `mixers`
+            (it moves there).
+        config: The recipe every run starts from (a path, or a name in `mambaout/configs/`, for segmentation in
+            `mambaout/configs/segment/`); None: the task's `DEFAULT_RECIPES` (ablate_digits, pathfinder_seg_cpu).
+        model: Registered model to train instead of the recipe's (its own architecture unless `model_kwargs`); the
+            backbone for segmentation.
         model_kwargs: Constructor arguments on top of the recipe's (or `model`'s); the mixer and the grid's
             model keys are added to them.
-        data: ImageFolder root with train/ and val/; None: the recipe's (the bundled digits).
-        epochs: Epochs per run; None: the recipe's.
+        data: Classification: an ImageFolder root with train/ and val/ or pathfinder:...; segmentation: an
+            ADE20K-style root or pathfinder-seg:...; None: the recipe's.
+        epochs: Epochs per run; None: the recipe's. Not for recipes that train by `iters` steps (segmentation's):
+            give `grid={"iters": ...}` or a recipe.
         seeds: Runs per row, with seeds 0..seeds-1.
+        metric: The figure the report compares (top1 or top5; miou, macc, aacc or iou:CLASS); None: the task's
+            first (top1, miou). Not part of the ablation: the same runs can be reported with another.
         output: The ablation's folder.
     """
 
+    task: str = "classify"
     mixers: tuple[str, ...] | None = None
     grid: dict[str, tuple[Any, ...]] = field(default_factory=dict)
-    config: str = DEFAULT_RECIPE
+    config: str | None = None
     model: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     data: str | None = None
     epochs: int | None = None
     seeds: int = 3
+    metric: str | None = None
     output: str = "runs/ablate"
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise UserError(f"--task {one_line(str(self.task), 40)}: choose from {', '.join(TASKS)}")
+        self.config = self.config or DEFAULT_RECIPES[self.task]
+        self.metric = self.metric or DEFAULT_METRICS[self.task]
+        plain = CLASSIFY_METRICS if self.task == "classify" else SEGMENT_METRICS
+        per_class = self.task == "segment" and self.metric.startswith(CLASS_IOU) and self.metric != CLASS_IOU
+        if self.metric not in plain and not per_class:
+            choices = _metric_choices(self.task)
+            raise UserError(f"--metric {one_line(self.metric, 60)}: choose from {choices} (for --task {self.task})")
         grid = {str(k): tuple(v) if isinstance(v, (list, tuple)) else (v,) for k, v in self.grid.items()}
         for key, values in grid.items():
             self._check_axis(key, values)
@@ -214,13 +280,13 @@ class AblationSettings:
             raise UserError(f"--grid {key} and --model-kwargs both set {key}: give it in one of them")
         if key in ("data", "epochs") and getattr(self, key) is not None:
             raise UserError(f"--grid {key} and --{key} both set {key}: give it in one of them")
-        arguments = _model_arguments()
-        if key not in _RUN_SETTINGS and key not in arguments:
-            close = difflib.get_close_matches(key, [*_RUN_SETTINGS, *arguments], n=1)
+        arguments, run_settings = _model_arguments(), _run_settings(self.task)
+        if key not in run_settings and key not in arguments:
+            close = difflib.get_close_matches(key, [*run_settings, *arguments], n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(
-                f"--grid {key}: neither a run setting (`mambaout train --help`) nor a model constructor argument "
-                f"({', '.join(arguments)}){hint}"
+                f"--grid {key}: neither a run setting (`{TASKS[self.task].command} --help`) nor a model constructor "
+                f"argument ({', '.join(arguments)}){hint}"
             )
 
     def rows(self) -> list[dict[str, Any]]:
@@ -239,9 +305,11 @@ class AblationSettings:
         return {**{k: v for k, v in asdict(self).items() if k in _IDENTITY}, "grid": list(self.grid)}
 
     def overrides(self, row: dict[str, Any], seed: int, run_dir: Path) -> dict[str, Any]:
-        """The `mambaout train` settings of one run (a row of `rows()` and a seed), on top of the recipe."""
-        recipe = _recipe_model_kwargs(self.config) if self.model is None else {}
-        model = {k: v for k, v in row.items() if k not in _RUN_SETTINGS and k != "token_mixer"}
+        """The `mambaout train` (`mambaout segment train`) settings of one run (a row of `rows()` and a seed), on
+        top of the recipe."""
+        run_settings = _run_settings(self.task)
+        recipe = self.recipe().model_kwargs if self.model is None else {}
+        model = {k: v for k, v in row.items() if k not in run_settings and k != "token_mixer"}
         overrides: dict[str, Any] = {
             "output": str(run_dir),
             "seed": seed,
@@ -250,17 +318,25 @@ class AblationSettings:
         for key in ("model", "data", "epochs"):
             if getattr(self, key) is not None:
                 overrides[key] = getattr(self, key)
-        overrides.update({k: v for k, v in row.items() if k in _RUN_SETTINGS})
+        overrides.update({k: v for k, v in row.items() if k in run_settings})
         return overrides
 
+    def recipe(self) -> RunConfig:
+        """The recipe every run starts from, as the engine reads it."""
+        task = TASKS[self.task]
+        return build_config(None, load_config_file(self.config, task.config_class, task.recipes), cls=task.config_class)
+
     def command(self) -> str:
-        """The `mambaout ablate` command line that reproduces these settings."""
-        args = ["mambaout", "ablate", "--mixers", ",".join(self.mixers or ())]
+        """The `mambaout ablate` command line that reproduces these settings (and the report's metric)."""
+        args = ["mambaout", "ablate", *(["--task", self.task] if self.task != "classify" else [])]
+        args += ["--mixers", ",".join(self.mixers or ())]
         if self.grid:
             args += ["--grid", *(f"{k}={','.join(map(_value_arg, vs))}" for k, vs in self.grid.items())]
         args += ["--seeds", str(self.seeds)]
-        if self.config != DEFAULT_RECIPE:
-            args += ["--config", self.config]
+        if self.metric != DEFAULT_METRICS[self.task]:
+            args += ["--metric", str(self.metric)]
+        if self.config != DEFAULT_RECIPES[self.task]:
+            args += ["--config", str(self.config)]
         for key in ("model", "data", "epochs"):
             if getattr(self, key) is not None:
                 args += [f"--{key}", str(getattr(self, key))]
@@ -269,15 +345,12 @@ class AblationSettings:
         return shlex.join([*args, "--output", self.output])
 
 
-def _recipe_model_kwargs(config: str) -> dict[str, Any]:
-    return build_config(None, load_config_file(config)).model_kwargs  # as the engine reads it (YAML text or a mapping)
-
-
 def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train every (row, seed) run not yet recorded, then write the results, table and plot.
 
-    Every row still to train is first checked by building its run config (and its model, on the meta device), so
-    that a bad grid value stops the ablation before anything trains or is written.
+    Every row still to train is first checked by building its run config (and its model, on the meta device), and
+    an `iou:CLASS` metric against the classes of every row's data and every recorded run, so that a bad grid value
+    or class stops the ablation before anything trains or is written.
 
     Returns:
         Every recorded run of the ablation (one dict per line of `results.jsonl`).
@@ -292,7 +365,9 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
     rows = settings.rows()
     done = {(settings_key(record_settings(r)), r["seed"]) for r in results}
     todo = [(row, s) for s in range(settings.seeds) for row in rows if (settings_key(row), s) not in done]
-    _check_rows(settings, list({settings_key(row): row for row, _ in todo}.values()), out)
+    configs = _check_rows(settings, list({settings_key(row): row for row, _ in todo}.values()), out)
+    _check_class(settings, results, configs)
+    task = TASKS[settings.task]
     out.mkdir(parents=True, exist_ok=True)
     if not claimed:
         with atomic_write(out / "ablation.json") as f:
@@ -306,9 +381,12 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         files = RunDir(run_dir)
         if files.config.exists() and not any(p.exists() for p in (files.last, files.best, files.metrics)):
             files.config.unlink()  # stopped inside its first epoch: nothing to resume, so it starts again
-        config, checkpoint = prepare_run(settings.config, settings.overrides(row, seed, run_dir), resume="auto")
-        result = train(config, checkpoint)
-        results.append(_record(row, seed, result.metrics, run_dir))
+        config, checkpoint = prepare_run(task, settings.config, settings.overrides(row, seed, run_dir), "auto")
+        result = run_training(task, config, checkpoint)
+        if task is Segmentation:
+            results.append(_segmentation_record(row, seed, result.metrics, run_dir, config.device))
+        else:
+            results.append(_record(row, seed, result.metrics, run_dir))
         write_results(out, results, settings)
     if not todo:
         write_results(out, results, settings)
@@ -330,7 +408,7 @@ def _check_claim(out: Path, settings: AblationSettings) -> bool:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError:
         raise UserError(f"{path} is not valid JSON: remove it or pick another --output") from None
-    saved = {"grid": [], **saved}
+    saved = {**_LEGACY_IDENTITY, **saved}
     changed = [k for k in _IDENTITY if saved.get(k) != identity[k]]
     if changed:
         diffs = ", ".join(f"{k} {saved.get(k)!r} here, {identity[k]!r} now" for k in changed)
@@ -338,15 +416,47 @@ def _check_claim(out: Path, settings: AblationSettings) -> bool:
     return True
 
 
-def _check_rows(settings: AblationSettings, rows: list[dict[str, Any]], out: Path) -> None:
-    """Build each row's run config as its first run will, so that a bad value fails now, with nothing written."""
+def _check_rows(settings: AblationSettings, rows: list[dict[str, Any]], out: Path) -> list[RunConfig]:
+    """Build each row's run config as its first run will, so that a bad value fails now, with nothing written.
+
+    Returns:
+        The rows' configs.
+    """
+    configs = []
     for row in rows:
         overrides = settings.overrides(row, 0, out / "runs" / f"{settings.run_name(row)}-seed0")
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # the engine's notes are printed when the row trains
-                prepare_run(settings.config, overrides, resume=None)
+                config, _ = prepare_run(TASKS[settings.task], settings.config, overrides, resume=None)
         except UserError as e:
             raise UserError(f"{row_label(row)}: {e} (nothing was trained)") from None
+        epochs = overrides.get("epochs")
+        if config.iters and epochs is not None:  # the engine trains iters steps and ignores epochs
+            raise UserError(
+                f"{row_label(row)}: epochs {epochs} has no effect: {settings.config} trains for iters {config.iters} "
+                "steps; give --grid iters=N instead, or iters=null to train by epochs (nothing was trained)"
+            )
+        configs.append(config)
+    return configs
+
+
+def _check_class(settings: AblationSettings, results: list[dict[str, Any]], configs: list[RunConfig]) -> None:
+    """Refuse an `iou:CLASS` metric naming a class that the recorded runs or the data of a row to train lack."""
+    if not str(settings.metric).startswith(CLASS_IOU):
+        return
+    wanted = str(settings.metric).removeprefix(CLASS_IOU)
+    listings = [(f"the run in {r.get('run_dir')}", list(r.get("class_iou") or {})) for r in results]
+    for data, num_classes in dict.fromkeys((c.data, c.num_classes) for c in configs):
+        root = resolve_data(data, "segmentation", ihc_ade)
+        listings.append((f"the data {data or root}", read_class_names(root, num_classes)))
+    lacking = [where for where, names in listings if wanted not in names]
+    if lacking:
+        common = [name for name in listings[0][1] if all(name in names for _, names in listings)]
+        choices = ", ".join(f"{CLASS_IOU}{name}" for name in common) or "none common to all rows"
+        raise UserError(
+            f"--metric {settings.metric}: {lacking[0]} has no class {wanted!r}; choose from "
+            f"{', '.join(SEGMENT_METRICS)} or {choices}"
+        )
 
 
 def _record(row: dict[str, Any], seed: int, metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
@@ -378,6 +488,57 @@ def _record(row: dict[str, Any], seed: int, metrics: dict[str, Any], run_dir: Pa
     }
 
 
+def _segmentation_record(
+    row: dict[str, Any], seed: int, metrics: dict[str, Any], run_dir: Path, device: str
+) -> dict[str, Any]:
+    """One line of `results.jsonl` for a segmentation run: what was trained and how its last checkpoint does on the
+    validation split, evaluated as `mambaout segment eval` evaluates it (on the run's device)."""
+    run = RunDir(run_dir)
+    env = init_distributed(device)
+    try:
+        dense = load_dense_model(str(run.last), Segmentation, env.device)
+        _, loader = validation_loader(dense, None, env, 1, dense.config.workers)
+        amp_dtype = resolve_amp(dense.config.amp, env.device)
+        evaluation = evaluate_segmentation(dense.model, loader, env, amp_dtype, len(dense.class_names))
+    finally:
+        env.shutdown()
+    config, model = dense.config, dense.model.cpu()
+    epochs = run.read_metrics()
+    return {
+        "mixer": row["token_mixer"],
+        "seed": seed,
+        "settings": row,
+        "model": config.model,
+        "model_kwargs": config.model_kwargs,
+        "iters": config.iters,
+        "epochs": epochs[-1]["epoch"] if epochs else None,
+        "num_classes": len(dense.class_names),
+        "params": sum(p.numel() for p in model.parameters()),
+        "backbone_params": sum(p.numel() for p in model.backbone.parameters()),
+        "macs": segmenter_macs(config),
+        "miou": evaluation["miou"],
+        "macc": evaluation["macc"],
+        "aacc": evaluation["aacc"],
+        "class_iou": dict(zip(dense.class_names, evaluation["iou"], strict=True)),
+        "train_img_per_s": statistics.median(r["images_per_sec"] for r in epochs) if epochs else None,
+        "infer_img_per_s": inference_speed(model, config.batch_size, config.crop_size),
+        "wall_s": metrics["elapsed_s"],
+        "load": load_average(),
+        "run_dir": str(run_dir),
+    }
+
+
+def segmenter_macs(config: SegmentConfig) -> int:
+    """Multiply-accumulates of the segmenter a resolved `config` describes on one crop, counted on the meta device
+    as `mambaout.dense.complexity` counts (eval mode: the auxiliary head, not run at test time, is not counted)."""
+    with torch.device("meta"):
+        model = build_segmenter(config).eval()
+        image = torch.empty(1, 3, config.crop_size, config.crop_size)
+    with FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter.get_total_flops() // 2
+
+
 def inference_speed(model: torch.nn.Module, batch_size: int, size: int, repeats: int = 5) -> float:
     """Images/s of `model` (eval mode, no grad) on one random batch, from the median of `repeats` timed calls."""
     x = torch.randn(batch_size, 3, size, size)
@@ -401,7 +562,7 @@ def read_results(out: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and {"mixer", "seed", "top1"} <= record.keys():
+        if isinstance(record, dict) and {"mixer", "seed"} <= record.keys() and record.keys() & {"top1", "miou"}:
             records.append(record)
     return records
 
@@ -410,18 +571,23 @@ def write_results(out: Path, results: list[dict[str, Any]], settings: AblationSe
     """`results.jsonl` (one line per run), `results.md` and `ablation.png`, each replaced atomically."""
     with atomic_write(out / "results.jsonl") as f:
         f.write("".join(json.dumps(r) + "\n" for r in results).encode())
-    title, order = _title(results, settings), settings.rows()
+    title, order, metric = _title(results, settings), settings.rows(), str(settings.metric)
     with atomic_write(out / "results.md") as f:
-        f.write(results_markdown(results, title, settings.command(), order).encode())
-    plot_ablation(results, out / "ablation.png", title, order)
+        f.write(results_markdown(results, title, settings.command(), order, metric).encode())
+    plot_ablation(results, out / "ablation.png", title, order, metric=metric)
 
 
 def _title(results: list[dict[str, Any]], settings: AblationSettings) -> str:
-    """What every row shares: the model, its shape less the grid's keys, the data and the epochs."""
+    """What every row shares: the model, its shape less the grid's keys, the data and the length of a run."""
     first = results[0] if results else {}
     arch = {k: v for k, v in (first.get("model_kwargs") or {}).items() if k != "token_mixer" and k not in settings.grid}
     shape = "; ".join(f"{k} {v}" for k, v in arch.items())
-    data = "each row's data" if "data" in settings.grid else settings.data or "the bundled digits"
-    epochs = "" if "epochs" in settings.grid else f", {first.get('epochs')} epochs"
+    default = "the bundled digits" if settings.task == "classify" else "the embedded IHC crops"
+    data = "each row's data" if "data" in settings.grid else settings.data or settings.recipe().data or default
+    if first.get("iters"):
+        length = "" if "iters" in settings.grid else f", {first['iters']} steps"
+    else:
+        length = "" if "epochs" in settings.grid else f", {first.get('epochs')} epochs"
     model = first.get("model", settings.model)
-    return f"{model}{f' ({shape})' if shape else ''} on {data}{epochs}"
+    task = "" if settings.task == "classify" else "UperNet on "
+    return f"{task}{model}{f' ({shape})' if shape else ''} on {data}{length}"

@@ -416,7 +416,7 @@ def test_segmentation_ablation_records_class_iou_and_another_metric_only_rewrite
         (["--task", "segment", "--metric", "iou:"], "--metric iou:: choose from miou, macc, aacc or iou:CLASS"),
         (["--task", "detect"], "argument --task: invalid choice: 'detect'"),
         (["--task", "segment", "--grid", "input_size=32"], "neither a run setting (`mambaout segment train --help`)"),
-        (["--task", "segment", "--epochs", "3"], "epochs 3 has no effect: pathfinder_seg_cpu trains for iters 3000"),
+        (["--task", "segment", "--epochs", "3"], "epochs 3 has no effect: ablate_pathfinder_seg trains for iters 500"),
     ],
 )
 def test_bad_task_and_metric_flags_are_one_line(tmp_path, capsys, argv, message):
@@ -437,7 +437,7 @@ def test_an_unknown_class_is_refused_from_the_data_before_training(segment_recip
 def test_the_command_gives_back_the_task_and_the_metric():
     seg = AblationSettings(task="segment", mixers=("conv", "conv_ssm"), data="pathfinder-seg:32-6",
                            metric="iou:target_joined", seeds=3)  # fmt: skip
-    assert seg.config == "pathfinder_seg_cpu" and "metric" not in seg.identity() and seg.identity()["task"] == "segment"
+    assert seg.config == "ablate_pathfinder_seg" and "metric" not in seg.identity() and seg.identity()["task"] == "segment"
     assert seg.command() == (
         "mambaout ablate --task segment --mixers conv,conv_ssm --seeds 3 --metric iou:target_joined "
         "--data pathfinder-seg:32-6 --output runs/ablate"

@@ -86,7 +86,7 @@ __all__ = [
 
 DEFAULT_MIXERS = ("conv", "conv_ssm", "causal_conv", "attention", "causal_attention")
 TASKS: dict[str, type[Task]] = {"classify": Classification, "segment": Segmentation}
-DEFAULT_RECIPES = {"classify": "ablate_digits", "segment": "pathfinder_seg_cpu"}
+DEFAULT_RECIPES = {"classify": "ablate_digits", "segment": "ablate_pathfinder_seg"}
 DEFAULT_METRICS = {"classify": "top1", "segment": "miou"}
 # what must be the same for two runs to be compared (and for a rerun to continue an ablation); "grid" is the list
 # of grid keys, absent (no grid) in the ablation.json of ablations from before the grid, "task" absent (classify)
@@ -204,7 +204,7 @@ class AblationSettings:
             `SegmentConfig`) or model (backbone) constructor arguments. A `token_mixer` key is the same as `mixers`
             (it moves there).
         config: The recipe every run starts from (a path, or a name in `mambaout/configs/`, for segmentation in
-            `mambaout/configs/segment/`); None: the task's `DEFAULT_RECIPES` (ablate_digits, pathfinder_seg_cpu).
+            `mambaout/configs/segment/`); None: the task's `DEFAULT_RECIPES` (ablate_digits, ablate_pathfinder_seg).
         model: Registered model to train instead of the recipe's (its own architecture unless `model_kwargs`); the
             backbone for segmentation.
         model_kwargs: Constructor arguments on top of the recipe's (or `model`'s); the mixer and the grid's

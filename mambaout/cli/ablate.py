@@ -3,7 +3,7 @@
 The rows are every combination of the mixers and the --grid values (mixers first, then each KEY in the order
 given). Each (row, seed) is a normal `mambaout train` run (--task segment: `mambaout segment train`, UperNet on the
 MambaOut backbone) in OUTPUT/runs/<mixer>[-KEY=VALUE...]-seed<k>/ under one recipe (default ablate_digits: a small
-MambaOut on the bundled digits, CPU; --task segment: pathfinder_seg_cpu, Pathfinder-segmentation at 32x32), so
+MambaOut on the bundled digits, CPU; --task segment: ablate_pathfinder_seg, Pathfinder-segmentation at 32x32), so
 its checkpoints work with the task's eval and predict. A grid KEY that is a run setting (epochs, iters, base_lr,
 drop_path, input_size, crop_size, data, ...; see `mambaout train --help` or `mambaout segment train --help`)
 overrides the recipe's; any other KEY is a model (backbone) constructor argument (kernel_size, conv_ratio, dims,

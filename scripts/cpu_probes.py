@@ -17,6 +17,7 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   ssm-profile self time per operator of one eager forward of the Mamba-block network (femto, token_mixer conv_ssm)
   cross-scan  the fused scan at femto's stage 1 (batch 8, 4 directions): as the SSM mixer calls it (one copy of the
               map, each direction's order by positions) against the same work read in order (copies laid out ahead)
+  pathfinder  samples/s of the Pathfinder generator (mambaout.data.pathfinder) per size and contour length
   ceiling     a model's linears and convs alone, each timed on its own at its shape, against the whole network in
               timm, ours and every peer engine: how far any path could get past the best peer with these kernels
 
@@ -30,6 +31,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -41,6 +43,7 @@ import mambaout
 from mambaout.bench import BenchPath, measure
 from mambaout.bench.harness import busy_processes
 from mambaout.bench.paths import engine_paths, inference_paths, peer_paths, timm_twin, train_paths
+from mambaout.data import make_samples
 from mambaout.fast import FusedGatedCNNBlock, KernelSet
 from mambaout.fast.engines import OnnxRuntimeEngine, OpenVINOEngine, onnx_file
 from mambaout.fast.threads import ThreadFitter
@@ -479,6 +482,16 @@ def cross_scan(args: argparse.Namespace) -> None:
         print(f"| {name} | {ms:.1f} |")
 
 
+def pathfinder_speed(args: argparse.Namespace) -> None:
+    """Samples per second of the Pathfinder generator, one process, per size and contour length."""
+    print("| size | contour length | samples | samples/s |\n|---|---|---|---|")
+    for size, length, count in ((32, 6, 1000), (32, 9, 1000), (32, 14, 1000), (64, 14, 200), (128, 14, 50)):
+        start = time.perf_counter()
+        for _ in make_samples(size, length, count, seed=0):
+            pass
+        print(f"| {size} | {length} | {count} | {count / (time.perf_counter() - start):.0f} |")
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
@@ -496,6 +509,7 @@ PROBES = {
     "ceiling": ceiling,
     "ssm-profile": ssm_profile,
     "cross-scan": cross_scan,
+    "pathfinder": pathfinder_speed,
 }
 
 

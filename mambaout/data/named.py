@@ -113,8 +113,10 @@ def resolve_data(data: str | os.PathLike | None, kind: Kind, default: Callable[[
     if data is None or data == "":
         return default()
     name = parse_data_name(data)
-    if name is None:
-        return Path(data).expanduser()
+    return Path(data).expanduser() if name is None else _tree_for(name, str(data), kind)
+
+
+def _tree_for(name: DataName, data: str, kind: Kind) -> Path:
     if name.kind != kind:
         other = "pathfinder" if name.kind == "segmentation" else "pathfinder-seg"
         wanted = {"classification": "mambaout train", "segmentation": "mambaout segment"}[name.kind]
@@ -133,7 +135,7 @@ def named_inputs(paths: list[str], kind: Kind) -> list[str]:
         if name is None:
             out.append(path)
             continue
-        root = resolve_data(path, kind, lambda: Path())
+        root = _tree_for(name, path, kind)
         out.append(str(root / "val" if kind == "classification" else root / "images" / "validation"))
     return out
 

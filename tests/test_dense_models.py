@@ -118,7 +118,7 @@ def test_every_dense_recipe_loads_and_the_papers_keep_its_settings():
         (SEGMENT_RECIPES, SegmentConfig, "upernet"),
     ):
         names = sorted(p.stem for p in folder.glob("*.yaml"))
-        assert len(names) == 4 and ("coins_cpu" in names or "ihc_cpu" in names)
+        assert len([n for n in names if n.startswith(prefix)]) == 3 and ("coins_cpu" in names or "ihc_cpu" in names)
         for name in names:
             config = build_config(None, load_config_file(name, cls, folder), cls=cls)
             if name.startswith(prefix):

@@ -41,7 +41,17 @@ def test_each_paper_variant_has_the_papers_recipe(variant):
 
 def test_every_recipe_file_loads():
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-    assert names == ["ablate_digits", "base_in1k", "digits_cpu", "femto_in1k", "kobe_in1k", "small_in1k", "tiny_in1k"]
+    assert names == [
+        "ablate_digits",
+        "ablate_pathfinder",
+        "base_in1k",
+        "digits_cpu",
+        "femto_in1k",
+        "kobe_in1k",
+        "pathfinder_cpu",
+        "small_in1k",
+        "tiny_in1k",
+    ]
     for name in names:
         build_config(None, load_config_file(name))
     # the recipes are package data, so a wheel install has them too (pyproject's package-data ships the folder)

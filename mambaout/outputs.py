@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from mambaout.errors import UserError
-from mambaout.train.rundir import RunDir
+from mambaout.rundir import RunDir
 
 __all__ = ["OUTPUT_KINDS", "PNG_SOFTWARE", "check_output", "same_file"]
 

@@ -28,9 +28,9 @@ from mambaout.cli import main
 from mambaout.data.named import SEGMENT_CLASSES
 from mambaout.dense.config import SEGMENT_RECIPES
 from mambaout.errors import UserError
+from mambaout.rundir import RunDir
 from mambaout.train import TrainingInterrupted, load_classifier
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.rundir import RunDir
 
 MIXERS = ("conv", "conv_ssm")
 

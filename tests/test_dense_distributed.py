@@ -8,8 +8,8 @@ import torch
 from dense_fixtures import DETECT, SEGMENT, flags, make_ade, make_coco
 
 from mambaout.cli import main
+from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.rundir import RunDir
 
 # Deterministic steps. Detection: every anchor and proposal sampled (no random subsets), one image per forward
 # pass (torchvision normalizes its losses over the images of a pass, and pads them to one size), so one process

@@ -14,8 +14,8 @@ from dense_fixtures import DETECT, SEGMENT, flags, make_ade, make_coco
 from PIL import Image
 
 from mambaout.cli import main
+from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.rundir import RunDir
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,8 +19,8 @@ from train_fixtures import flags, make_tree, write_image
 from mambaout.cli import main
 from mambaout.errors import UserError
 from mambaout.outputs import check_output
+from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import save_checkpoint
-from mambaout.train.rundir import RunDir
 from mambaout.weights.io import atomic_write, remove_stale_temps
 
 LIMIT = 16 * 1024  # bytes a file may reach under the simulated full disk

@@ -8,8 +8,8 @@ import torch
 from train_fixtures import flags, make_tree
 
 from mambaout.cli import main
+from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.rundir import RunDir
 
 # deterministic steps: no augmentation, dropout or drop path; SGD with momentum and weight decay
 RECIPE = {"epochs": "2", "opt": "sgd", "lr": "0.05", "weight_decay": "1e-4", "smoothing": "0.1", "drop_path": "0"}

@@ -64,12 +64,12 @@ from mambaout.errors import UserError, one_line
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import model_complexity
 from mambaout.models.mambaout import MambaOut
+from mambaout.rundir import RunDir
 from mambaout.train import load_classifier
 from mambaout.train.checkpoint import read_checkpoint
 from mambaout.train.config import RunConfig, build_config, load_config_file, load_yaml
 from mambaout.train.distributed import init_distributed
 from mambaout.train.engine import resolve_amp
-from mambaout.train.rundir import RunDir
 from mambaout.train.runner import Task, prepare_run, run_training
 from mambaout.train.trainer import Classification
 from mambaout.weights.io import atomic_write

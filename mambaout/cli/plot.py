@@ -7,8 +7,8 @@ from pathlib import Path
 from mambaout.cli.args import add_force
 from mambaout.errors import UserError
 from mambaout.outputs import check_output
+from mambaout.rundir import RunDir
 from mambaout.train.curves import plot_curves
-from mambaout.train.rundir import RunDir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mambaout.data import ResumableSampler, ShardSampler, TransformFailed, data_label
 from mambaout.errors import UserError, describe
+from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import CONFIG_DIR, RunConfig, build_config, flag, load_config_file
 from mambaout.train.distributed import DistEnv, init_distributed
@@ -49,7 +50,6 @@ from mambaout.train.engine import (
     train_one_epoch,
 )
 from mambaout.train.progress import Progress, format_duration
-from mambaout.train.rundir import RunDir
 
 __all__ = [
     "Task",

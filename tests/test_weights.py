@@ -19,13 +19,12 @@ from conftest import randomize_
 
 from mambaout import create_model
 from mambaout.errors import UserError
-from mambaout.models import MambaOut, ModelSpec, PretrainedCfg, WeightSource, get_spec, registry
+from mambaout.models import MambaOut, ModelSpec, PretrainedCfg, WeightSource, get_spec, load_pretrained, registry
 from mambaout.weights import (
     LAYOUTS,
     convert_state_dict,
     detect_layout,
     load_checkpoint,
-    load_pretrained,
     read_state_dict,
     save_state_dict,
 )

@@ -16,9 +16,9 @@ from torch import nn
 
 from mambaout.errors import UserError
 from mambaout.models import MambaOut, get_spec
+from mambaout.models.pretrained import pretrained_location
 from mambaout.models.settings import create_configured_model
 from mambaout.weights import load_checkpoint, our_layout, read_state_dict
-from mambaout.weights.loading import pretrained_location
 
 __all__ = ["DROP_PATH", "DenseBackbone", "create_backbone"]
 

@@ -22,8 +22,9 @@ from torch import nn
 from mambaout.errors import UserError
 from mambaout.models.features import features_only as wrap_features
 from mambaout.models.mambaout import MambaOut
+from mambaout.models.pretrained import load_pretrained
 from mambaout.models.registry import get_spec, split_tag
-from mambaout.weights import load_checkpoint, load_checkpoint_path, load_pretrained, read_state_dict
+from mambaout.weights import load_checkpoint, load_checkpoint_path, read_state_dict
 from mambaout.weights.hub import read_hub_config, split_source, write_hub_folder
 
 __all__ = ["create_model", "hub_config", "save_pretrained"]

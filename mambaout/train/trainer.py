@@ -19,7 +19,7 @@ from mambaout.data import RobustImageFolder, digits_tree, parse_data_name, resol
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 from mambaout.errors import UserError
 from mambaout.fast.train_step import auto_train_micro_batch
-from mambaout.models import get_pretrained_cfg, get_spec
+from mambaout.models import get_pretrained_cfg, get_spec, load_pretrained
 from mambaout.models.settings import check_activation_memory, create_configured_model
 from mambaout.train.config import CONFIG_DIR, TrainConfig, flag
 from mambaout.train.engine import ClassificationStep, TrainParts, evaluate
@@ -33,7 +33,6 @@ from mambaout.train.runner import (
     warn,
 )
 from mambaout.train.runner import prepare_run as prepare_task_run
-from mambaout.weights import load_pretrained
 
 __all__ = [
     "FROZEN_ON_RESUME",

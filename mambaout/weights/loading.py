@@ -18,7 +18,6 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 from mambaout.errors import UserError
-from mambaout.models.registry import ModelSpec, PretrainedCfg
 from mambaout.weights.download import download_cached, is_url
 from mambaout.weights.hub import hub_weights_file, split_source
 from mambaout.weights.io import file_format, read_file, verify_sha256
@@ -29,9 +28,7 @@ __all__ = [
     "first_nonfinite",
     "load_checkpoint",
     "load_checkpoint_path",
-    "load_pretrained",
     "our_layout",
-    "pretrained_location",
     "read_state_dict",
     "unwrap_state_dict",
 ]
@@ -294,61 +291,3 @@ def load_checkpoint_path(model: nn.Module, path: str | os.PathLike, cache_dir: s
     checkpoint = read_file(file)
     has_ema = isinstance(checkpoint, Mapping) and any(isinstance(checkpoint.get(k), Mapping) for k in _EMA_KEYS)
     load_checkpoint(model, checkpoint, prefer_ema=has_ema, name=str(file))
-
-
-def pretrained_location(
-    spec: ModelSpec,
-    pretrained: bool | str | os.PathLike,
-    sha256: str | None = None,
-    cfg: PretrainedCfg | None = None,
-) -> tuple[str, str | None]:
-    """Where the weights `pretrained=` names live, and the SHA-256 to check them against.
-
-    Args:
-        spec: The registered variant.
-        pretrained: True for the tag's first published source; a source name ("official", "timm"); or a
-            checkpoint path, URL or hub folder (see `read_state_dict`).
-        sha256: Expected hex SHA-256 of the file; defaults to the source's published hash, if any.
-        cfg: The pretrained tag whose sources are meant; default the variant's default tag.
-
-    Raises:
-        UserError: The tag has no such source (the message lists those it has).
-    """
-    cfg = cfg or spec.cfg
-    name = spec.name if cfg is spec.cfg else f"{spec.name}.{cfg.tag}"
-    sources = {source.name: source for source in cfg.sources}
-    if pretrained is True:
-        if not sources:
-            raise UserError(f"{name} has no published weights; pass a checkpoint path as pretrained")
-        pretrained = cfg.sources[0].name
-    location = os.fspath(pretrained)
-    if location in sources:
-        return sources[location].url, sha256 or sources[location].sha256
-    if re.fullmatch(r"[\w-]+", location) and not Path(location).exists():
-        # a bare word that is no file is meant as a source name, so say which names exist
-        valid = ", ".join(f"'{source}'" for source in sources) or "none"
-        raise UserError(
-            f"{name} has no '{location}' weights: its sources are {valid}; or pass a checkpoint path or URL"
-        )
-    return location, sha256
-
-
-def load_pretrained(
-    model: nn.Module,
-    spec: ModelSpec,
-    pretrained: bool | str | os.PathLike,
-    sha256: str | None = None,
-    cfg: PretrainedCfg | None = None,
-    cache_dir: str | os.PathLike | None = None,
-) -> None:
-    """Load the weights `create_model(..., pretrained=...)` asks for (see `pretrained_location`).
-
-    Args:
-        model: A freshly built `spec` model.
-        cache_dir: huggingface_hub's cache folder for `hf-hub:` sources.
-
-    Raises:
-        UserError: The tag has no such source, or loading failed.
-    """
-    location, sha256 = pretrained_location(spec, pretrained, sha256, cfg)
-    load_checkpoint(model, read_state_dict(location, sha256=sha256, cache_dir=cache_dir), name=location)

@@ -89,7 +89,7 @@ def test_activation_map_is_in_unit_range_on_the_stage_grid(one_thread, method, s
     heat = activation_map(model, x, class_index=3, method=method, stage=stage)
     reduction = model.feature_info[stage]["reduction"]
     assert heat.shape == (math.ceil(64 / reduction),) * 2
-    assert (heat.min() >= 0 and math.isclose(heat.max().item(), 1.0)) or heat.abs().sum() == 0
+    assert heat.min() >= 0 and math.isclose(heat.max().item(), 1.0)  # scaled to its peak: never an empty map
     assert all(p.grad is None for p in model.parameters())  # nothing accumulates between requests
 
 

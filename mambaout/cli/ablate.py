@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mambaout.ablate import DEFAULT_MIXERS, AblationSettings, parse_grid, run_ablation
 from mambaout.ablate.runner import DEFAULT_METRICS, DEFAULT_RECIPES, TASKS
-from mambaout.cli.args import integer, yaml_mapping
+from mambaout.cli.args import integer, names, yaml_mapping
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.train import TrainingInterrupted
 
@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = args.model_kwargs or {}
-    mixers = None if args.mixers is None else tuple(m.strip() for m in args.mixers.split(",") if m.strip())
+    mixers = None if args.mixers is None else names(args.mixers)
     settings = AblationSettings(
         task=args.task,
         mixers=mixers,

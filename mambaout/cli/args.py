@@ -56,6 +56,11 @@ image_size = integer(MIN_INPUT_SIZE, MAX_INPUT_SIZE)
 """An argparse type: a square input side the models take, in pixels."""
 
 
+def names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names (`conv, conv_ssm`) as a tuple, in order, blanks dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
 def class_map(text: str) -> dict[str, str]:
     """An argparse type: `FOLDER=CLASS[,FOLDER=CLASS...]`, how evaluation folders are named among a model's classes."""
     pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]

@@ -12,7 +12,7 @@ import argparse
 import os
 
 from mambaout.bench import DTYPES, BenchSettings, run_benchmark
-from mambaout.cli.args import add_force, integer
+from mambaout.cli.args import add_force, integer, names
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.outputs import check_output
 from mambaout.train.config import MAX_INPUT_SIZE
@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _mixers(flag: str | None) -> tuple[str, ...]:
     if flag is None:
         return ()
-    return tuple(TOKEN_MIXERS) if flag == "all" else tuple(m.strip() for m in flag.split(",") if m.strip())
+    return tuple(TOKEN_MIXERS) if flag == "all" else names(flag)
 
 
 def run(args: argparse.Namespace) -> int:

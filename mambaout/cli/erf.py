@@ -20,7 +20,7 @@ import argparse
 
 from mambaout.ablate import DEFAULT_ERF_MIXERS, ErfSettings, run_erf
 from mambaout.ablate.erf import DEFAULT_MODEL, WRT, erf_table
-from mambaout.cli.args import add_force, image_size, integer, yaml_mapping
+from mambaout.cli.args import add_force, image_size, integer, names, yaml_mapping
 from mambaout.layers import TOKEN_MIXERS
 
 
@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kwargs = args.model_kwargs or {}
-    mixers = None if args.token_mixer is None else tuple(m.strip() for m in args.token_mixer.split(",") if m.strip())
+    mixers = None if args.token_mixer is None else names(args.token_mixer)
     settings = ErfSettings(
         model=args.model,
         checkpoint=tuple(args.checkpoint or ()),

@@ -25,7 +25,7 @@ from mambaout.ablate.scaling import (
     scaling_markdown,
     write_scaling_json,
 )
-from mambaout.cli.args import add_force, integer, number
+from mambaout.cli.args import add_force, integer, names, number
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.outputs import check_output
 
@@ -95,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     settings = ScalingSettings(
         model=args.model,
-        mixers=tuple(m.strip() for m in args.mixers.split(",") if m.strip()),
+        mixers=names(args.mixers),
         sizes=args.sizes,
         batch_size=args.batch_size,
         passes=args.passes,

@@ -8,6 +8,7 @@ import mambaout
 from mambaout.cli import main
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model, load_exported
+from mambaout.fast.fused import fused_graph
 from mambaout.models import MambaOut
 from mambaout.weights import convert_state_dict, save_state_dict
 
@@ -38,13 +39,14 @@ def test_export_verifies_and_runs_at_new_sizes(femto, fmt, tmp_path):
         assert (exported(x) - femto(x)).abs().max().item() <= 1e-4
 
 
-def test_the_fused_graph_is_written_unless_the_reference_is_asked_for(femto, tmp_path):
+def test_the_fused_graph_is_written_when_given(femto, tmp_path):
     import onnx
 
     ops = {}
     for fused in (True, False):
         out = tmp_path / f"{fused}.onnx"
-        assert export_model(femto, "onnx", out, img_size=(64, 64), fused=fused).max_abs_diff <= 1e-4
+        graph = fused_graph(femto) if fused else None
+        assert export_model(femto, "onnx", out, img_size=(64, 64), graph=graph).max_abs_diff <= 1e-4
         ops[fused] = {node.op_type for node in onnx.load(str(out)).graph.node}
     # the fused blocks never split or concatenate activations; the reference blocks do, once each
     assert not ops[True] & {"Split", "Concat", "Slice"}

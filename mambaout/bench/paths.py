@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from mambaout.bench.harness import BenchPath
+from mambaout.export import export_model, verify_exported
 from mambaout.fast import KernelSet, optimize_for_inference, select_kernels
 from mambaout.fast.engines import (
     OPENVINO_HINTS,
@@ -125,13 +126,11 @@ def _engine_paths(
 def engine_paths(model: MambaOut, x: torch.Tensor, threads: int, folder: Path) -> list[BenchPath]:
     """Our model exported as `optimize_for_inference`'s engines use it (the fused graph, verified) in ONNX Runtime
     and OpenVINO, plus ONNX Runtime on the reference graph (`mambaout export --reference-graph`); files in `folder`."""
-    from mambaout.export import export_model
-
     size = tuple(x.shape[-2:])
     note = "`mambaout export` graph (fused, verified); ONNX Runtime and OpenVINO keep their memory between calls"
     rows = _engine_paths("our export", onnx_file(model, size, folder=folder), x, threads, peer=False, note=note)
     reference = folder / "reference.onnx"
-    export_model(model, "onnx", reference, img_size=size, verify=True, fused=False)
+    export_model(model, "onnx", reference, img_size=size, verify=True)
     note = "`mambaout export --reference-graph`"
     return rows + _engine_paths("our reference graph", reference, x, threads, False, note, openvino=False)
 
@@ -140,8 +139,6 @@ def peer_paths(twin_source: MambaOut, name: str, x: torch.Tensor, threads: int, 
     """timm's own ONNX export (`timm.utils.onnx.onnx_export`) of the same weights, in ONNX Runtime and OpenVINO:
     what a user would run instead of us. The file is checked against timm eager before it is timed."""
     from timm.utils.onnx import onnx_export
-
-    from mambaout.export import verify_exported
 
     twin = timm_twin(twin_source, name).cpu()
     path = folder / "timm.onnx"

@@ -13,6 +13,7 @@ from torch import nn
 from mambaout.cli.args import add_force, integer, number
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model
+from mambaout.fast.fused import fused_graph
 from mambaout.models import create_model, get_spec
 from mambaout.models.settings import create_configured_model
 from mambaout.outputs import check_output
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         atol=args.atol,
         onnx_dynamo=args.onnx_dynamo,
-        fused=not args.reference_graph,
+        graph=None if args.reference_graph else fused_graph(model),
     )
     print(f"wrote {report.path} ({args.format}; dynamic: {', '.join(report.dynamic)})")
     for shape, diff in report.checks:

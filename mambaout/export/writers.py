@@ -11,9 +11,9 @@ its selective scan is a custom op (`mambaout::selective_scan_fused`, or `..._chu
 built), which TorchScript and ExportedProgram files call (so load them in a process that imported mambaout) and ONNX
 has no operator for.
 
-By default a `MambaOut` is written as its fused inference graph (`optimize_for_inference`'s blocks: folded LayerScale,
-no split/cat copies), which ONNX Runtime runs 1.2-1.3× faster at batch 16 than the reference graph; the file is
-still verified against the reference model.
+The module written may be another graph of the same function (`graph`): `mambaout export` and the inference engines
+write `mambaout.fast.fused_graph(model)` (folded LayerScale, no split/cat copies), which ONNX Runtime runs 1.2-1.3×
+faster at batch 16 than the reference graph; the file is still verified against the reference model.
 """
 
 import copy
@@ -27,9 +27,7 @@ import torch
 from torch import nn
 
 from mambaout.errors import UserError
-from mambaout.fast import optimize_for_inference
 from mambaout.layers import SSMMixer
-from mambaout.models import MambaOut
 from mambaout.weights.io import atomic_path
 from mambaout.weights.loading import first_nonfinite
 
@@ -167,7 +165,7 @@ def export_model(
     verify: bool = True,
     atol: float = 1e-4,
     onnx_dynamo: bool = False,
-    fused: bool = True,
+    graph: nn.Module | None = None,
 ) -> ExportReport:
     """Export `model` (fp32, CPU, eval mode) to `output` in format `fmt`, then verify the file.
 
@@ -180,8 +178,9 @@ def export_model(
             and a second size).
         atol: Largest max |difference| the verification accepts.
         onnx_dynamo: Use the `torch.export`-based ONNX exporter (image sizes then multiples of 32).
-        fused: Write a `MambaOut`'s fused inference graph (same function, fewer and cheaper ops) rather than the
-            reference graph; other modules are written as they are.
+        graph: The module written to the file, computing the same function as `model` (e.g.
+            `mambaout.fast.fused_graph(model)`: fewer and cheaper ops); default `model` itself. The file is verified
+            against `model`.
 
     Returns:
         An `ExportReport`.
@@ -214,10 +213,9 @@ def export_model(
     other = (img_size[0] + SIZE_MULTIPLE, max(SIZE_MULTIPLE, img_size[1] - SIZE_MULTIPLE))
     if not multiple_only:
         other = (other[0] + 8, other[1] + 8)  # sizes that are no multiple of the stride must work too
-    graph = model
-    if fused and isinstance(model, MambaOut):
-        # files keep the default weight layout (torch.export's packaging expects it); channels-last is a runtime choice
-        graph = optimize_for_inference(model, backend="torch").model.to(memory_format=torch.contiguous_format)
+    # files keep the default weight layout (torch.export's packaging expects it); channels-last is a runtime choice
+    graph = model if graph is None else copy.deepcopy(graph).float().cpu().eval()
+    graph = graph.to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         if fmt == "onnx":

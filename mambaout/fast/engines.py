@@ -28,7 +28,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from mambaout.data.digits import cache_dir
 from mambaout.errors import UserError
+from mambaout.export import export_model
+from mambaout.fast.fused import fused_graph
 from mambaout.fast.threads import ThreadFitter
 
 __all__ = [
@@ -114,14 +117,11 @@ def onnx_file(model: nn.Module, img_size: tuple[int, int] = (224, 224), folder: 
     Raises:
         UserError: The model cannot be exported to ONNX (the SSM mixer) or its export does not reproduce it.
     """
-    # imported here: the exporter builds on this package's fused blocks
-    from mambaout.data.digits import cache_dir
-    from mambaout.export import export_model
-
     folder = folder or cache_dir() / "onnx"
     path = folder / f"{_weights_key(model)}.onnx"
     if not path.is_file():
-        export_model(model, "onnx", path, img_size=img_size, verify=True)  # atomic: never a partial file at `path`
+        # atomic: never a partial file at `path`
+        export_model(model, "onnx", path, img_size=img_size, verify=True, graph=fused_graph(model))
     return path
 
 

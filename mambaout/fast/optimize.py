@@ -14,7 +14,6 @@ on every backend in turn, timing them, and keeps the fastest for that shape (`Au
 first tries). `backend_for(x)` tells which one a call on `x` takes.
 """
 
-import copy
 import threading
 import time
 import warnings
@@ -26,7 +25,7 @@ from torch import nn
 
 from mambaout.errors import UserError, describe
 from mambaout.fast.engines import ENGINES, OnnxRuntimeEngine, OpenVINOEngine, engine_installed, onnx_file
-from mambaout.fast.fused import FusedGatedCNNBlock, can_fuse
+from mambaout.fast.fused import FusedGatedCNNBlock, fuse_blocks
 from mambaout.fast.kernels import KernelSet, cpu_has_kernels, select_kernels
 from mambaout.fast.threads import ThreadFitter
 from mambaout.layers import SSMMixer
@@ -459,14 +458,7 @@ def optimize_for_inference(
             RuntimeWarning,
             stacklevel=2,
         )
-    fast = copy.deepcopy(model).eval()
-    for stage in fast.stages:
-        blocks = getattr(stage, "blocks", None)
-        if blocks is None:
-            continue
-        for j, block in enumerate(blocks):
-            if can_fuse(block):
-                blocks[j] = FusedGatedCNNBlock(block, dtype, kernels)
+    fast = fuse_blocks(model, dtype, kernels)
     # channels-last conv weights: oneDNN's NHWC convolution would otherwise reorder them on every call
     fast = fast.to(dtype=dtype, memory_format=torch.channels_last)
     fast.requires_grad_(False)

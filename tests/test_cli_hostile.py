@@ -9,14 +9,13 @@ another kind), plus the hostile files of issue 10 (a YAML bomb, bytes that are n
 
 import argparse
 import dataclasses
-import hashlib
-import os
 import typing
 from pathlib import Path
 
 import pytest
 from dense_fixtures import DETECT, SEGMENT, make_ade, make_coco
 from dense_fixtures import flags as dense_flags
+from hostile_fixtures import assert_refused
 from train_fixtures import flags, make_tree, write_image
 
 from mambaout.cli import SUBCOMMANDS, build_parser, main
@@ -70,21 +69,6 @@ def ws(tmp_path_factory) -> Workspace:
     assert main(["detect", "train", "--data", str(coco), "--output", str(detect), *dense_flags(DETECT, epochs=1)]) == 0
     assert main(["segment", "train", "--data", str(ade), "--output", str(segment), *dense_flags(SEGMENT, iters=2)]) == 0
     return Workspace(root, tree, run, photo, coco, ade, detect, segment)
-
-
-def _snapshot(root: Path) -> dict[str, str]:
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            key = str(path.relative_to(root))
-            if path.is_symlink():
-                state[key] = f"-> {os.readlink(path)}"
-            elif path.is_dir():
-                state[key] = "dir"
-            else:
-                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
 
 
 def _base(ws: Workspace, command: str) -> list[str]:
@@ -298,15 +282,7 @@ def _dense_path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
 
 
 def _assert_refused(ws: Workspace, capsys, argv: list[str], named: str) -> None:
-    before = _snapshot(ws.root)
-    capsys.readouterr()
-    code = main(argv)
-    captured = capsys.readouterr()
-    lines = captured.err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, captured.err)
-    assert "Traceback" not in captured.err + captured.out
-    assert named in lines[0] and len(lines[0]) < 2100, (argv, lines[0][:300])
-    assert _snapshot(ws.root) == before, f"{argv} changed files on disk"
+    assert_refused(ws.root, capsys, argv, named)
 
 
 @pytest.mark.parametrize(("command", "extra", "named"), _parser_cases() + _config_cases())

@@ -12,14 +12,14 @@ mixer_kwargs, ...) and joins `model_kwargs` beside the mixer (for segmentation, 
     mambaout ablate --task segment --mixers conv,conv_ssm --data pathfinder-seg:32-6 --metric iou:target_joined \
         --seeds 3
 
-Every run is an ordinary training run of the one engine (`mambaout.train.runner.prepare_run` + `run_training`
-with the task: `mambaout train`'s classification, or `mambaout segment train`'s segmentation) in
-`DIR/runs/<mixer>[-key=value...]-seed<k>/` (`DIR/runs/<mixer>-seed<k>/` without a grid), so its checkpoints work
-with the task's eval / predict (and export) and `--resume auto`. A segmentation run's last checkpoint is then
-evaluated as `mambaout segment eval` evaluates it, for its per-class IoU. After each run one line goes to
-`DIR/results.jsonl` (with the row's `settings`) and `DIR/results.md` (each row's metric against the first row's,
-paired by seed, with a 95% interval) and `DIR/ablation.png` are redrawn. The metric (`--metric`: top1 or top5;
-miou, macc, aacc or iou:CLASS) belongs to the report, not to the ablation: the same runs may be reported with
+Every run is an ordinary training run of the one engine (`mambaout.train.prepare.prepare_run` +
+`mambaout.train.runner.run_training` with the task: `mambaout train`'s classification, or `mambaout segment train`'s
+segmentation) in `DIR/runs/<mixer>[-key=value...]-seed<k>/` (`DIR/runs/<mixer>-seed<k>/` without a grid), so its
+checkpoints work with the task's eval / predict (and export) and `--resume auto`. A segmentation run's last
+checkpoint is then evaluated as `mambaout segment eval` evaluates it, for its per-class IoU. After each run one line
+goes to `DIR/results.jsonl` (with the row's `settings`) and `DIR/results.md` (each row's metric against the first
+row's, paired by seed, with a 95% interval) and `DIR/ablation.png` are redrawn. The metric (`--metric`: top1 or
+top5; miou, macc, aacc or iou:CLASS) belongs to the report, not to the ablation: the same runs may be reported with
 another. Rerunning the same command skips the runs that have their line, resumes an unfinished one from its
 `last.pth`, and refuses a DIR that holds an ablation with other settings; the mixers, the values of each grid key
 and the seeds may grow between reruns (only the new runs train), the grid's keys may not change.
@@ -70,7 +70,9 @@ from mambaout.train.checkpoint import read_checkpoint
 from mambaout.train.config import RunConfig, build_config, load_config_file, load_yaml
 from mambaout.train.distributed import init_distributed
 from mambaout.train.engine import resolve_amp
-from mambaout.train.runner import Task, prepare_run, run_training
+from mambaout.train.prepare import prepare_run
+from mambaout.train.runner import run_training
+from mambaout.train.task import Task
 from mambaout.train.trainer import Classification
 from mambaout.weights.io import atomic_write
 

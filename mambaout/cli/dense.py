@@ -23,7 +23,10 @@ from mambaout.outputs import check_output
 from mambaout.train.config import AMP_MODES, add_config_arguments, config_overrides
 from mambaout.train.distributed import init_distributed, resolve_device
 from mambaout.train.engine import resolve_amp
-from mambaout.train.runner import Task, TrainingInterrupted, prepare_run, run_training
+from mambaout.train.prepare import prepare_run
+from mambaout.train.runner import run_training
+from mambaout.train.signals import TrainingInterrupted
+from mambaout.train.task import Task
 
 __all__ = ["add_actions"]
 

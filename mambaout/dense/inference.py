@@ -32,7 +32,7 @@ from mambaout.outputs import PNG_SOFTWARE
 from mambaout.train.checkpoint import read_checkpoint
 from mambaout.train.config import build_config
 from mambaout.train.distributed import DistEnv
-from mambaout.train.runner import Task
+from mambaout.train.task import Task
 from mambaout.weights.io import atomic_write
 
 __all__ = [

@@ -32,7 +32,9 @@ from mambaout.models import get_spec
 from mambaout.models.settings import check_activation_memory
 from mambaout.train.distributed import DistEnv
 from mambaout.train.engine import TrainParts, backward, syncing
-from mambaout.train.runner import Task, fused_step_name, warn
+from mambaout.train.notices import warn
+from mambaout.train.optim import fused_step_name
+from mambaout.train.task import Task
 
 __all__ = [
     "Detection",

@@ -1,10 +1,10 @@
 """The one training engine around a task: a whole run's set-up, epochs, evaluation, checkpoints and records.
 
-A `Task` (classification in `mambaout.train.trainer`, detection and segmentation in `mambaout.dense`) supplies its
-config class, data, model, micro-batch step and validation metric; everything else is here, the same for every
-task: `prepare_run` turns a recipe, flags and `--resume` into a config (and the checkpoint to continue from), and
-`run_training` runs it, on one process or under `torchrun` with DistributedDataParallel. Only rank 0 prints and
-writes.
+A `Task` (`mambaout.train.task`: classification in `mambaout.train.trainer`, detection and segmentation in
+`mambaout.dense`) supplies its config class, data, model, micro-batch step and validation metric; everything else is
+the same for every task: `mambaout.train.prepare.prepare_run` turns a recipe, flags and `--resume` into a config (and
+the checkpoint to continue from), and `run_training` here runs it, on one process or under `torchrun` with
+DistributedDataParallel. Only rank 0 prints and writes.
 
 Never losing a run: `last.pth` is replaced atomically after every epoch (and every `save_interval` steps); SIGINT
 and SIGTERM finish the current optimizer step, save a resumable `last.pth` and raise `TrainingInterrupted`; a NaN or
@@ -12,356 +12,44 @@ infinite loss raises `NonFiniteLoss` before anything is written. `--resume auto`
 end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0).
 """
 
-import abc
 import dataclasses
 import math
 import signal
-import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from mambaout.data import ResumableSampler, ShardSampler, TransformFailed, data_label
 from mambaout.errors import UserError, describe
 from mambaout.rundir import RunDir
-from mambaout.train.checkpoint import read_checkpoint, rng_state, save_checkpoint, set_rng_state
-from mambaout.train.config import CONFIG_DIR, RunConfig, build_config, flag, load_config_file
-from mambaout.train.distributed import DistEnv, init_distributed
+from mambaout.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from mambaout.train.config import RunConfig
+from mambaout.train.distributed import init_distributed
 from mambaout.train.engine import (
     EpochProgress,
-    ForwardBackward,
     NonFiniteLoss,
     TrainParts,
     current_lr,
     resolve_amp,
     train_one_epoch,
 )
+from mambaout.train.notices import listed, warn
+from mambaout.train.optim import create_optimizer
 from mambaout.train.progress import Progress, format_duration
+from mambaout.train.signals import StopSignals, TrainingInterrupted, ignore_sigint
+from mambaout.train.task import Task, TrainResult
 
-__all__ = [
-    "Task",
-    "TrainResult",
-    "TrainingInterrupted",
-    "fused_step_name",
-    "listed",
-    "prepare_run",
-    "run_training",
-    "warn",
-]
-
-_SHOW_UNREADABLE = 10  # files listed by name in the once-per-dataset report
-_RESUME_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "class_names")
-
-
-class TrainingInterrupted(Exception):
-    """SIGINT or SIGTERM stopped the run after saving `checkpoint`."""
-
-    def __init__(self, signum: int, checkpoint: Path, where: str, command: str = "mambaout train"):
-        self.signum, self.checkpoint = signum, checkpoint
-        name = signal.Signals(signum).name
-        super().__init__(
-            f"{name} received {where}: saved {checkpoint}; continue with "
-            f"`{command} --output {checkpoint.parent} --resume auto`"
-        )
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """Where the run is and how it ended.
-
-    Attributes:
-        run_dir: The run folder.
-        epochs: Epochs the run was configured for.
-        metric: The validation figure that picks `best.pth` (`top1`, `bbox_ap`, `miou`).
-        best: Its best value (percent), -inf before any evaluation.
-        metrics: The last epoch's record.
-    """
-
-    run_dir: Path
-    epochs: int
-    metric: str
-    best: float
-    metrics: dict[str, Any]
-
-
-class Task(abc.ABC):
-    """What one kind of training supplies to the engine: its settings, data, model, step and metric.
-
-    The class attributes are used before a run exists (`prepare_run`, the command line); an instance is one run's
-    task, built with the run's config and process, and set up by `Runner` in the order of the methods below.
-
-    Attributes:
-        name: Saved in checkpoints as `task` ("classification", "detection", "segmentation").
-        command: The command that trains it, for messages (`mambaout train`).
-        config_class: Its `RunConfig` subclass.
-        recipes: The folder of its named recipes.
-        frozen_on_resume: Settings a resumed run cannot change: its weights and optimizer state were made under them
-            (PyTorch's optimizer restores its saved hyperparameters, so a changed value would be ignored, or crash on
-            another optimizer's state). The learning-rate schedule may change: it is recomputed from the config at
-            the saved step.
-        metric: The validation figure (percent, higher is better) that picks `best.pth`: recorded as `val_<metric>`,
-            saved as `best_<metric>`.
-        metric_label: How messages name it ("val top-1").
-        collate_fn: How the loaders batch samples; None for torch's stacking.
-        default_data: The embedded dataset's short name (run folders are `runs/<model>-<data>-<time>`).
-        train_set, val_set: Datasets with `root`, and `status` / `new_unreadable()` as `mambaout.data.ImageFiles`.
-        class_names: Name per class, in label order.
-        data_root: The dataset's folder, for messages.
-    """
-
-    name: ClassVar[str]
-    command: ClassVar[str]
-    config_class: ClassVar[type[RunConfig]]
-    recipes: ClassVar[Path] = CONFIG_DIR
-    frozen_on_resume: ClassVar[tuple[str, ...]]
-    metric: ClassVar[str]
-    metric_label: ClassVar[str]
-    collate_fn: ClassVar[Callable[[list[Any]], Any] | None] = None  # how loaders batch samples (None: stacking)
-    default_data: ClassVar[str]  # the embedded dataset's name, for default run folders
-
-    train_set: Dataset
-    val_set: Dataset
-    class_names: list[str]
-    data_root: Path
-
-    def __init__(self, config: Any, env: DistEnv):
-        self.config, self.env = config, env
-
-    @classmethod
-    @abc.abstractmethod
-    def default_recipe(cls, model: str, data: str | None) -> str | None:
-        """The recipe used without --config for `--data` (None: the embedded default), or None for the config
-        class's defaults."""
-
-    @abc.abstractmethod
-    def build_data(self, checkpoint: dict[str, Any] | None) -> None:
-        """Set `train_set`, `val_set`, `class_names` and `data_root`; refuse data a resumed run was not trained on."""
-
-    @abc.abstractmethod
-    def build_model(self, pretrained: bool) -> nn.Module:
-        """The model on the CPU, with `config.pretrained` weights when `pretrained`; set `self.config` to the config
-        with this task's settings resolved (number of classes, sizes) and the datasets' transforms."""
-
-    @abc.abstractmethod
-    def forward_backward(self, module: nn.Module, amp_dtype: torch.dtype | None) -> ForwardBackward:
-        """The micro-batch step for `module` (the plain model) under `amp_dtype`."""
-
-    @abc.abstractmethod
-    def check_memory(self, parts: TrainParts) -> None:
-        """Refuse a batch whose activations cannot fit in the device's free memory (`UserError`)."""
-
-    @abc.abstractmethod
-    def evaluate(self, model: nn.Module, loader: DataLoader, amp_dtype: torch.dtype | None) -> dict[str, float]:
-        """Validation figures over `loader` on every rank (`metric` among them), equal on all ranks."""
-
-    @abc.abstractmethod
-    def epoch_summary(self, record: dict[str, Any]) -> str:
-        """The validation part of the epoch's line (empty when the epoch was not evaluated)."""
-
-    @abc.abstractmethod
-    def describe(self, parts: TrainParts) -> tuple[str, str]:
-        """The run's first line after `run DIR: MODEL (N params), ` (classes and data), and its last line after
-        `step: ` (how a step runs)."""
-
-    def val_batch_size(self) -> int:
-        """Samples per validation batch; default the training batch."""
-        return self.config.batch_size
-
-    @abc.abstractmethod
-    def warn_about_data(self) -> None:
-        """Report, once on rank 0, what the datasets skipped while they were read in."""
-
-    def checkpoint_extras(self) -> dict[str, Any]:
-        """What checkpoints keep about the data besides `class_names` (e.g. COCO category ids)."""
-        return {}
-
-
-def prepare_run(
-    task: type[Task], config_file: str | None, overrides: dict[str, Any], resume: str | None
-) -> tuple[RunConfig, dict[str, Any] | None]:
-    """The run's config and, when resuming, the checkpoint to continue from; nothing is written.
-
-    Args:
-        task: The kind of run.
-        config_file: `--config` (path or recipe name); default `task.default_recipe`. Ignored when resuming: a
-            resumed run keeps its saved config, changed only by `overrides` of settings outside its frozen ones.
-        overrides: Config values given as flags. When `epochs` (`iters`) is given without `warmup_epochs`
-            (`warmup_iters`), the recipe's warm-up keeps its share of the schedule (20 of 300 epochs: 2 of 30), and
-            so do its multistep milestones.
-        resume: None, "auto" (`<output>/last.pth`; a new run when `<output>` holds no run at all), or a checkpoint
-            file or run folder.
-
-    Raises:
-        UserError: Bad settings, a run folder with no resumable checkpoint, a damaged checkpoint, or a change to a
-            setting that cannot change on resume.
-    """
-    checkpoint, path = None, None
-    if resume == "auto":
-        if not overrides.get("output"):
-            raise UserError("--resume auto needs --output RUN_DIR (the run to continue, or to start)")
-        run = RunDir(overrides["output"])
-        if run.last.exists():
-            path = run.last
-        elif run.holds_run():
-            present = ", ".join(p.name for p in run.files if p.exists())
-            raise UserError(
-                f"--resume auto: {run.path} holds a run ({present}) but no last.pth to continue from: give a "
-                "checkpoint with --resume PATH, or start a new run with another --output"
-            )
-    elif resume:
-        path = Path(resume).expanduser()
-        path = RunDir(path).last if path.is_dir() else path
-        if not path.exists():
-            raise UserError(f"--resume: no checkpoint at {path}")
-        overrides = {"output": str(path.parent), **overrides}
-    if path is not None:
-        checkpoint = _read_resumable(task, path)
-        return _resumed_config(task, checkpoint, overrides, path), checkpoint
-    cls = task.config_class
-    model = str(overrides.get("model", cls.model))
-    name = config_file or task.default_recipe(model, overrides.get("data") or None)
-    recipe = load_config_file(name, cls, task.recipes) if name else {}
-    return build_config(None, recipe, _kept_in_proportion(cls, recipe, overrides), cls=cls), None
-
-
-def _kept_in_proportion(cls: type[RunConfig], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`overrides` plus the recipe's warm-up (and multistep milestones) scaled to a changed length; printed, as it is
-    a choice."""
-    base = build_config(None, recipe, cls=cls)
-    scaled = dict(overrides)
-    for length, parts in (("epochs", ("warmup_epochs", "decay_milestones")), ("iters", ("warmup_iters",))):
-        if length not in overrides or getattr(base, length) is None:
-            continue
-        try:
-            wanted = int(overrides[length])
-        except (TypeError, ValueError):
-            return overrides  # a bad value gets its own message from the config
-        was = getattr(base, length)
-        if wanted == was or wanted < 1:
-            continue
-        for part in parts:
-            value = getattr(base, part)
-            if part in overrides or not value:
-                continue
-            if part == "decay_milestones":
-                scaled[part] = tuple(m * wanted / was for m in value)
-                shown, text = " ".join(f"{m:.3g}" for m in scaled[part]), ", ".join(f"{m:g}" for m in value)
-            else:
-                scaled[part] = value * wanted / was if part == "warmup_epochs" else round(value * wanted / was)
-                shown, text = f"{scaled[part]:.3g}", f"{value:g}"
-            print(
-                f"{flag(part)} {shown}: the recipe's {text} of {was} {length}, kept in proportion for "
-                f"{flag(length)} {wanted} (pass {flag(part)} to choose)",
-                flush=True,
-            )
-    return scaled
-
-
-def _read_resumable(task: type[Task], path: Path) -> dict[str, Any]:
-    """A `last.pth` that holds all a resumed run needs; a damaged one is refused, offering `best.pth` if it reads."""
-    try:
-        checkpoint = read_checkpoint(path)
-    except UserError as e:
-        raise UserError(f"--resume: {e}{_best_fallback(task, path)}") from None
-    if checkpoint.get("optimizer") is None:
-        raise UserError(
-            f"--resume: {path} holds weights only (a best.pth?): resume from last.pth, or start a new run from "
-            "these weights with --pretrained"
-        )
-    saved_task = checkpoint.get("task", "classification")
-    if saved_task != task.name:
-        raise UserError(f"--resume: {path} is a {saved_task} run, not a {task.name} run: resume it with its command")
-    missing = [k for k in _RESUME_KEYS if k not in checkpoint]
-    optimizer = checkpoint["optimizer"]
-    if not isinstance(optimizer, dict) or not {"state", "param_groups"} <= optimizer.keys():
-        missing.append("the optimizer's state and param_groups")
-    if missing:
-        raise UserError(
-            f"--resume: {path} lacks what a resumed run needs ({', '.join(missing)}); it was not written by "
-            f"`{task.command}` or is damaged{_best_fallback(task, path)}"
-        )
-    return checkpoint
-
-
-def _best_fallback(task: type[Task], last: Path) -> str:
-    """The message's way out when `last` cannot be resumed: `best.pth` beside it, when it reads."""
-    best = RunDir(last.parent).best
-    if best == last or not best.exists():
-        return ""
-    try:
-        saved = read_checkpoint(best)
-    except UserError:
-        return ""
-    value = saved.get(f"best_{task.metric}", float("nan"))
-    return (
-        f"; {best} (epoch {saved.get('epoch', '?')}, {task.metric_label} {value:.2f}%) reads: "
-        f"continue from its weights in a new run with --pretrained {best} --output NEW_DIR"
-    )
-
-
-def _resumed_config(task: type[Task], checkpoint: dict[str, Any], overrides: dict[str, Any], path: Path) -> Any:
-    """The saved config with `overrides`, after checking that none changes a setting frozen on resume."""
-    cls = task.config_class
-    try:
-        saved = build_config(checkpoint["config"], cls=cls)
-    except UserError as e:
-        raise UserError(f"--resume: {path} holds a config this version rejects: {e}") from None
-    requested = build_config(checkpoint["config"], overrides, cls=cls)
-    changed = [f.name for f in dataclasses.fields(cls) if getattr(saved, f.name) != getattr(requested, f.name)]
-    frozen = [k for k in changed if k in task.frozen_on_resume]
-    if frozen:
-        raise UserError(
-            f"--resume: {path} was trained with other settings that cannot change when resuming "
-            f"({_changes(saved, requested, frozen)}): drop those flags, or start a new run from its weights with "
-            f"--pretrained {path} --output NEW_DIR"
-        )
-    if changed:
-        print(f"resuming with changed settings: {_changes(saved, requested, changed)}", flush=True)
-    return requested
-
-
-def _changes(saved: RunConfig, requested: RunConfig, keys: list[str]) -> str:
-    return "; ".join(f"{flag(k)} {getattr(saved, k)!r} -> {getattr(requested, k)!r}" for k in keys)
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set `received` instead of killing the process; the same signal again acts at once."""
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-        signal.signal(signum, self._previous[signum])
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    # a terminal's Ctrl-C reaches loader workers too; the training process alone decides how to stop
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+__all__ = ["run_training"]
 
 
 def run_training(task: type[Task], config: RunConfig, checkpoint: dict[str, Any] | None = None) -> TrainResult:
@@ -379,7 +67,7 @@ def run_training(task: type[Task], config: RunConfig, checkpoint: dict[str, Any]
     """
     env = init_distributed(config.device)
     try:
-        with _StopSignals() as signals:
+        with StopSignals() as signals:
             return Runner(task(config, env), checkpoint, signals).fit()
     finally:
         env.shutdown()
@@ -388,7 +76,7 @@ def run_training(task: type[Task], config: RunConfig, checkpoint: dict[str, Any]
 class Runner:
     """One run's state; `fit` drives the epochs."""
 
-    def __init__(self, task: Task, checkpoint: dict[str, Any] | None, signals: _StopSignals):
+    def __init__(self, task: Task, checkpoint: dict[str, Any] | None, signals: StopSignals):
         self.task, self.env, self.signals = task, task.env, signals
         config, env = task.config, task.env
         if config.threads:
@@ -468,7 +156,7 @@ class Runner:
             pin_memory=use_cuda,
             drop_last=True,
             generator=self.generator,
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
         self.val_loader = DataLoader(
             task.val_set,
@@ -478,9 +166,9 @@ class Runner:
             collate_fn=task.collate_fn,
             pin_memory=use_cuda,
             generator=torch.Generator().manual_seed(config.seed),
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
-        optimizer = _create_optimizer(self.module, config)
+        optimizer = create_optimizer(self.module, config)
         upe = self.updates_per_epoch
         scheduler, _ = create_scheduler_v2(
             optimizer,
@@ -734,39 +422,7 @@ class Runner:
         )
 
 
-def fused_step_name(optimizer: torch.optim.Optimizer, config: RunConfig) -> str:
-    """`fused adamw` or `plain sgd`: how the optimizer step runs, for the run's description."""
-    fused = any(group.get("fused") for group in optimizer.param_groups)
-    return f"{'fused' if fused else 'plain'} {config.opt}"
-
-
 def _default_output(config: RunConfig, default_data: str) -> str:
     data = data_label(config.data) if config.data else default_data
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return str(Path("runs") / f"{config.model.removeprefix('mambaout_')}-{data}-{stamp}")
-
-
-def listed(items: list[tuple[str, str]]) -> str:
-    """`a (why); b (why); and M more` for a warning: the first `_SHOW_UNREADABLE` (path, reason) pairs by name."""
-    shown = "; ".join(f"{path} ({reason})" for path, reason in items[:_SHOW_UNREADABLE])
-    more = f"; and {len(items) - _SHOW_UNREADABLE} more" if len(items) > _SHOW_UNREADABLE else ""
-    return shown + more
-
-
-def warn(message: str) -> None:
-    """A `warning:` line on stderr (rank 0's reports about the data and settings)."""
-    print(f"warning: {message}", file=sys.stderr, flush=True)
-
-
-def _create_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """timm's optimizer for the config, with PyTorch's fused step when asked for and this optimizer and device have it.
-
-    The fused step computes the same update in one kernel per parameter group (AdamW on the CPU: ~3× faster).
-    """
-    kwargs = optimizer_kwargs(config)
-    if config.fused_optimizer:
-        try:
-            return create_optimizer_v2(model, **kwargs, fused=True)
-        except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or no fused kernel for this device
-            pass
-    return create_optimizer_v2(model, **kwargs)

@@ -2,8 +2,8 @@
 
 `Classification` supplies an ImageFolder tree (the bundled digits without --data), a MambaOut classifier, the
 paper's recipe from timm's parts (RandAugment, mixup/cutmix, label smoothing, random erasing) and top-1/top-5;
-`prepare_run` and `train` are the runner's, for this task. See `mambaout.train.runner` for what a run guarantees
-(atomic checkpoints, exact resume, SIGTERM and NaN handling).
+`prepare_run` and `train` are the engine's (`mambaout.train.prepare`, `mambaout.train.runner`), for this task. See
+`mambaout.train.runner` for what a run guarantees (atomic checkpoints, exact resume, SIGTERM and NaN handling).
 """
 
 import dataclasses
@@ -23,16 +23,12 @@ from mambaout.models import get_pretrained_cfg, get_spec, load_pretrained
 from mambaout.models.settings import check_activation_memory, create_configured_model
 from mambaout.train.config import CONFIG_DIR, TrainConfig, flag
 from mambaout.train.engine import ClassificationStep, TrainParts, evaluate
-from mambaout.train.runner import (
-    Task,
-    TrainingInterrupted,
-    TrainResult,
-    fused_step_name,
-    listed,
-    run_training,
-    warn,
-)
-from mambaout.train.runner import prepare_run as prepare_task_run
+from mambaout.train.notices import listed, warn
+from mambaout.train.optim import fused_step_name
+from mambaout.train.prepare import prepare_run as prepare_task_run
+from mambaout.train.runner import run_training
+from mambaout.train.signals import TrainingInterrupted
+from mambaout.train.task import Task, TrainResult
 
 __all__ = [
     "FROZEN_ON_RESUME",
@@ -219,7 +215,7 @@ class Classification(Task):
 def prepare_run(
     config_file: str | None, overrides: dict[str, Any], resume: str | None
 ) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """A classification run's config and, when resuming, its checkpoint (`mambaout.train.runner.prepare_run`)."""
+    """A classification run's config and, when resuming, its checkpoint (`mambaout.train.prepare.prepare_run`)."""
     return prepare_task_run(Classification, config_file, overrides, resume)
 
 

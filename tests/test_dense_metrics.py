@@ -58,6 +58,14 @@ def test_perfect_detections_give_ap_100():
     assert math.isnan(metrics["bbox_apl"])  # no large object: COCOeval's -1
 
 
+def test_no_detections_give_0_where_there_is_ground_truth_and_nan_where_there_is_none():
+    metrics = coco_metrics(_ground_truth(), [], [1, 2], ("bbox", "segm"))
+    for kind in ("bbox", "segm"):
+        assert [metrics[f"{kind}_{f}"] for f in ("ap", "ap50", "ap75", "aps")] == [0.0] * 4  # all objects are small
+        assert math.isnan(metrics[f"{kind}_apm"]) and math.isnan(metrics[f"{kind}_apl"])  # none: COCOeval's -1
+    assert all(math.isnan(v) for v in coco_metrics(_ground_truth(), [], [], ("bbox",)).values())  # no image
+
+
 def test_an_imperfect_case_gives_pycocotools_value():
     gt = _ground_truth()
     results = _perfect(gt)

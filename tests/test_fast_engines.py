@@ -163,14 +163,20 @@ def test_openvino_leaves_the_threads_signal_stack_as_it_found_it():
 
 
 def test_onnx_file_is_exported_once_per_weights(tmp_path, monkeypatch):
-    ref = tiny()
+    ref, changed = tiny(), tiny(seed=1)
     first = onnx_file(ref, folder=tmp_path)
+    export = engines_module.export_model
     written = []
-    monkeypatch.setattr("mambaout.export.export_model", lambda *a, **k: written.append(a))
+    monkeypatch.setattr(engines_module, "export_model", lambda *a, **k: written.append(a[2]) or export(*a, **k))
     assert onnx_file(ref, folder=tmp_path) == first and not written  # the same weights: the file is reused
-    changed = tiny(seed=1)
-    assert engines_module._weights_key(changed) != engines_module._weights_key(ref)
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # written atomically: no temporary left
+    second = onnx_file(changed, folder=tmp_path)  # other weights: a new file, exported now
+    assert written == [second] and second != first and second.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])  # no temporary left
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want, old = changed(images), ref(images)
+    got = OnnxRuntimeEngine(second, threads=1)(images)
+    assert max_diff(got, want) <= ATOL < max_diff(got, old)  # the new file holds the changed weights
 
 
 def test_bad_backend_requests_raise():
@@ -223,11 +229,18 @@ def test_onnxruntime_runs_each_call_on_a_session_with_the_fitted_thread_count(mo
 
 
 def test_thread_fitter_restores_the_thread_count():
-    fitter = ThreadFitter(threads=1)
     before = torch.get_num_threads()
-    with fitter() as count:
-        assert count == 1 and torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
+    try:
+        torch.set_num_threads(3)
+        with ThreadFitter(threads=1, fit=False)() as count:  # fewer threads than the caller runs: it changes them
+            assert count == 1 and torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 3  # and gives them back
+        with pytest.raises(RuntimeError), ThreadFitter(threads=2, fit=False)():
+            assert torch.get_num_threads() == 2
+            raise RuntimeError("a failed call")
+        assert torch.get_num_threads() == 3  # also after an error inside the block
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

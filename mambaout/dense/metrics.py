@@ -42,11 +42,12 @@ def coco_metrics(
     """
     metrics = {}
     for iou_type in iou_types:
-        if not results or not image_ids:
-            stats = [0.0] * len(COCO_FIELDS) if image_ids else [math.nan] * len(COCO_FIELDS)
+        if not image_ids:
+            stats = [math.nan] * len(COCO_FIELDS)
         else:
             with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
-                detections = ground_truth.loadRes(copy.deepcopy(results))
+                # no detections at all still goes through COCOeval: 0 where there is ground truth, NaN where not
+                detections = ground_truth.loadRes(copy.deepcopy(results)) if results else _nothing(ground_truth)
                 evaluator = COCOeval(ground_truth, detections, iou_type)
                 evaluator.params.imgIds = sorted(image_ids)
                 evaluator.evaluate()
@@ -55,6 +56,15 @@ def coco_metrics(
             stats = [100.0 * s if s >= 0 else math.nan for s in evaluator.stats[: len(COCO_FIELDS)]]
         metrics.update({f"{iou_type}_{name}": float(v) for name, v in zip(COCO_FIELDS, stats, strict=True)})
     return metrics
+
+
+def _nothing(ground_truth: COCO) -> COCO:
+    """An empty results set for `ground_truth`'s images and categories (pycocotools' `loadRes` refuses an empty
+    list)."""
+    empty = COCO()
+    empty.dataset = {key: ground_truth.dataset.get(key, []) for key in ("images", "categories")} | {"annotations": []}
+    empty.createIndex()
+    return empty
 
 
 class ConfusionMatrix:

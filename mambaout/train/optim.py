@@ -4,6 +4,7 @@ import torch
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from torch import nn
 
+from mambaout.errors import UserError
 from mambaout.train.config import RunConfig
 
 __all__ = ["create_optimizer", "fused_step_name"]
@@ -20,7 +21,13 @@ def create_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimiz
             return create_optimizer_v2(model, **kwargs, fused=True)
         except (TypeError, RuntimeError, ValueError):  # no `fused` argument, or no fused kernel for this device
             pass
-    return create_optimizer_v2(model, **kwargs)
+    try:
+        return create_optimizer_v2(model, **kwargs)
+    except ValueError as e:  # settings the optimizer rejects, e.g. Nesterov SGD (timm's `sgd`) without momentum
+        raise UserError(
+            f"--opt {config.opt} refuses these settings ({e}): change --momentum, --opt-eps or --weight-decay, or "
+            "use another --opt (`momentum` is SGD without Nesterov)"
+        ) from None
 
 
 def fused_step_name(optimizer: torch.optim.Optimizer, config: RunConfig) -> str:

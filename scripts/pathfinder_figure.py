@@ -1,4 +1,4 @@
-"""Draw README's Pathfinder picture: samples of both classes at each contour length, from the generator itself.
+"""Draw docs/argument.md's Pathfinder picture: both classes at each contour length, from the generator itself.
 
     python scripts/pathfinder_figure.py [--output docs/pathfinder_samples.png]
 

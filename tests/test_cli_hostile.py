@@ -241,6 +241,7 @@ def _path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
         ("train", [*train, "--model", "mambaout_base", "--model-kwargs", "{}", "--input-size", "4096"], "GiB free"),
         ("train", [*train, "--std", "0", "0", "0"], "--std"),
         ("train", [*train, "--opt-betas", "2", "2"], "--opt-betas"),
+        ("train", [*train, "--opt", "sgd", "--momentum", "0"], "--opt sgd"),  # Nesterov needs a momentum
         ("train", [*train, "--output", str(r / "notes.txt")], "--output"),
         ("train", [*train, "--output", str(run)], "already holds a run"),
         ("train", [*train, "--data", str(r / "notes.txt")], "--data"),

@@ -101,7 +101,7 @@ def test_bad_arguments_raise(size, contour_length, seed, match):
         make_sample(size, contour_length, seed)
 
 
-def test_readmes_picture_is_what_the_generator_draws_today():
+def test_docs_picture_is_what_the_generator_draws_today():
     import importlib.util
 
     from PIL import Image

@@ -1,5 +1,6 @@
-"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources), or with
-`--tags` every pretrained tag (`name.tag`: classes, input sizes, crop).
+"""List every MambaOut variant (depths, dims, parameters, GMACs at 224, published top-1, weight sources) or tag.
+
+With `--tags`: every pretrained tag (`name.tag`: classes, input sizes, crop).
 
 With --token-mixer: the variants built with other token mixers (the Mamba block's SSM, attention, causal forms),
 their parameters and MACs beside the depthwise conv's.

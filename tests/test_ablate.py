@@ -416,7 +416,7 @@ def test_segmentation_ablation_records_class_iou_and_another_metric_only_rewrite
         (["--task", "segment", "--metric", "iou:"], "--metric iou:: choose from miou, macc, aacc or iou:CLASS"),
         (["--task", "detect"], "argument --task: invalid choice: 'detect'"),
         (["--task", "segment", "--grid", "input_size=32"], "neither a run setting (`mambaout segment train --help`)"),
-        (["--task", "segment", "--epochs", "3"], "epochs 3 has no effect: ablate_pathfinder_seg trains for iters 500"),
+        (["--task", "segment", "--epochs", "3", "--grid", "iters=5"], "--epochs 3 and --iters 5 both set the run's"),
     ],
 )
 def test_bad_task_and_metric_flags_are_one_line(tmp_path, capsys, argv, message):

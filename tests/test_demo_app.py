@@ -5,18 +5,13 @@ the embedded default's digits, so it serves that run's best.pth with its held-ou
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
+from demo_fixtures import running_demo
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -39,7 +34,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STARTUP_S = 180  # importing torch and gradio on a loaded 2-core machine
 LABEL = '#top-classes [data-testid="label-output-value"]'
 
 
@@ -70,52 +64,11 @@ def predicted(root, examples) -> dict[str, list[dict]]:
     return {Path(r["path"]).name: r["predictions"] for r in json.loads(output.read_text())}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def app(root):
     """`mambaout demo` in a subprocess (1 MB uploads, 0.5 megapixels), until the module's tests are done."""
-    port = _free_port()
-    log = root / "demo.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_TEMP_DIR": str(root / "gradio")}
-    command = [
-        sys.executable,
-        "-m",
-        "mambaout",
-        "demo",
-        "--port",
-        str(port),
-        "--max-upload-mb",
-        "1",
-        "--max-megapixels",
-        "0.5",
-    ]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never through a proxy
-    try:
-        deadline = time.monotonic() + STARTUP_S
-        while True:
-            assert process.poll() is None, f"mambaout demo exited with {process.returncode}:\n{log.read_text()}"
-            try:
-                direct.open(url + "config", timeout=5).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"mambaout demo not up after {STARTUP_S} s:\n{log.read_text()}"
-                time.sleep(0.5)
-        yield SimpleNamespace(url=url, port=port, process=process, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    with running_demo(root, "--max-upload-mb", "1", "--max-megapixels", "0.5") as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -171,7 +171,8 @@ def test_onnx_file_is_exported_once_per_weights(tmp_path, monkeypatch):
     assert onnx_file(ref, folder=tmp_path) == first and not written  # the same weights: the file is reused
     second = onnx_file(changed, folder=tmp_path)  # other weights: a new file, exported now
     assert written == [second] and second != first and second.is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, second.name])  # no temporary left
+    files = [first.name, second.name, f"{first.name}.sha256", f"{second.name}.sha256"]  # each with its digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files)  # no temporary left
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         want, old = changed(images), ref(images)

@@ -19,6 +19,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from scipy import stats
 
+from mambaout.outputs import PNG_SOFTWARE
 from mambaout.weights.io import atomic_write
 
 __all__ = [
@@ -380,5 +381,5 @@ def plot_ablation(
     fig.tight_layout()
     path = Path(path)
     with atomic_write(path) as f:
-        fig.savefig(f, format="png", dpi=100)
+        fig.savefig(f, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE})  # tells our plots from photos
     return path

@@ -64,6 +64,7 @@ from mambaout.errors import UserError, one_line
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import model_complexity
 from mambaout.models.mambaout import MambaOut
+from mambaout.outputs import OUTPUT_KINDS, check_output
 from mambaout.rundir import RunDir
 from mambaout.train import load_classifier
 from mambaout.train.checkpoint import read_checkpoint
@@ -101,6 +102,13 @@ _NOT_AXES = {
     "output": "--output sets the ablation's folder",
     "model": "--model sets the model",
     "model_kwargs": "give each constructor argument as its own key",
+}
+# the files an ablation writes in its folder, and their kinds of `mambaout.outputs.check_output`
+_OUTPUTS = {
+    "ablation.json": "ablation-json",
+    "results.jsonl": "ablation-results",
+    "results.md": "ablation-md",
+    "ablation.png": "png",
 }
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 reads a float only with a dot
 
@@ -219,6 +227,8 @@ class AblationSettings:
         metric: The figure the report compares (top1 or top5; miou, macc, aacc or iou:CLASS); None: the task's
             first (top1, miou). Not part of the ablation: the same runs can be reported with another.
         output: The ablation's folder.
+        force: Replace files in `output` that an ablation did not write (its ablation.json, results.jsonl,
+            results.md and ablation.png); never another ablation's settings, nor an input.
     """
 
     task: str = "classify"
@@ -232,6 +242,7 @@ class AblationSettings:
     seeds: int = 3
     metric: str | None = None
     output: str = "runs/ablate"
+    force: bool = False
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -358,10 +369,14 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
         Every recorded run of the ablation (one dict per line of `results.jsonl`).
 
     Raises:
-        UserError: Bad settings, or an output folder holding an ablation with other settings.
+        UserError: Bad settings, an output that is a file, an output folder holding an ablation with other
+            settings, or (unless `settings.force`) files of another program where the ablation's go.
         TrainingInterrupted: SIGINT/SIGTERM during a run (saved; rerun the command to resume it).
     """
     out = Path(settings.output).expanduser()
+    inputs = [Path(p).expanduser() for p in (settings.data, settings.config) if p and Path(p).expanduser().exists()]
+    for name, kind in _OUTPUTS.items():
+        check_output(out / name, "--output", kind, inputs=inputs, force=settings.force)
     claimed = _check_claim(out, settings)
     results = read_results(out)
     rows = settings.rows()
@@ -397,19 +412,30 @@ def run_ablation(settings: AblationSettings, log: Callable[[str], None] = print)
 
 
 def _check_claim(out: Path, settings: AblationSettings) -> bool:
-    """Whether `out/ablation.json` records these settings already (False: no ablation there yet).
+    """Whether `out/ablation.json` records these settings already (False: no ablation there yet, or, with
+    `settings.force`, a file that is no ablation's settings, to be replaced).
 
     Raises:
-        UserError: It records an ablation with other settings, or is not JSON.
+        UserError: It records an ablation with other settings, or (unless `settings.force`) it is not an
+            ablation's settings (not a JSON object of them).
     """
     path = out / "ablation.json"
     if not path.exists():
         return False
     identity = settings.identity()
+    with path.open("rb") as f:
+        ours = OUTPUT_KINDS[_OUTPUTS["ablation.json"]](f.read())
     try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise UserError(f"{path} is not valid JSON: remove it or pick another --output") from None
+        saved = json.loads(path.read_bytes()) if ours else None
+    except ValueError:  # not JSON, or not UTF-8
+        saved = None
+    if not isinstance(saved, dict):
+        if settings.force:
+            return False
+        raise UserError(
+            f"--output {path} is not the settings of a `mambaout ablate` (not a JSON object of them): pick another "
+            "--output, or pass --force to replace it"
+        )
     saved = {**_LEGACY_IDENTITY, **saved}
     changed = [k for k in _IDENTITY if saved.get(k) != identity[k]]
     if changed:
@@ -432,12 +458,6 @@ def _check_rows(settings: AblationSettings, rows: list[dict[str, Any]], out: Pat
                 config, _ = prepare_run(TASKS[settings.task], settings.config, overrides, resume=None)
         except UserError as e:
             raise UserError(f"{row_label(row)}: {e} (nothing was trained)") from None
-        epochs = overrides.get("epochs")
-        if config.iters and epochs is not None:  # the engine trains iters steps and ignores epochs
-            raise UserError(
-                f"{row_label(row)}: epochs {epochs} has no effect: {settings.config} trains for iters {config.iters} "
-                "steps; give --grid iters=N instead, or iters=null to train by epochs (nothing was trained)"
-            )
         configs.append(config)
     return configs
 

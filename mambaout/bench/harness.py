@@ -151,8 +151,21 @@ def measure(
     return [results[p.name] for p in paths]
 
 
-# one busy core: pure Python arithmetic with next to no memory traffic, so what it takes from a measurement is CPU time
-_BUSY_LOOP = "x = 0\nwhile True:\n    x = (x + 1) % 1000003\n"
+# one busy core: pure Python arithmetic with next to no memory traffic, so what it takes from a measurement is CPU time.
+# It dies with the process that started it, however that one ends (killed, hung up): on Linux the kernel sends it
+# SIGKILL (prctl PR_SET_PDEATHSIG = 1), and everywhere its stdin, a pipe from the parent, reaches its end, which a
+# thread waits for (the arithmetic lets it run: the interpreter hands the GIL over every few milliseconds).
+_BUSY_LOOP = """
+import ctypes, os, signal, sys, threading
+try:
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+except (AttributeError, OSError, TypeError):
+    pass
+threading.Thread(target=lambda: (sys.stdin.buffer.read(), os._exit(0)), daemon=True).start()
+x = 0
+while True:
+    x = (x + 1) % 1000003
+"""
 
 
 @contextlib.contextmanager
@@ -160,10 +173,11 @@ def busy_processes(count: int) -> Iterator[None]:
     """Within the block, `count` other processes each keep one core busy (the load of `mambaout bench --load`).
 
     They stand for what shares a real machine: a training run's own data-loader workers, other jobs. They are
-    started before the block and killed after it, whatever happens inside.
+    started before the block and killed after it, whatever happens inside, and die with this process if it is
+    killed first.
     """
     procs = [
-        subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-c", _BUSY_LOOP], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         for _ in range(count)
     ]
     try:
@@ -173,6 +187,7 @@ def busy_processes(count: int) -> Iterator[None]:
             proc.kill()
         for proc in procs:
             proc.wait()
+            proc.stdin.close()
 
 
 def _rss_bytes() -> int | None:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from mambaout.ablate import DEFAULT_MIXERS, AblationSettings, parse_grid, run_ablation
 from mambaout.ablate.runner import DEFAULT_METRICS, DEFAULT_RECIPES, TASKS
-from mambaout.cli.args import integer, names, yaml_mapping
+from mambaout.cli.args import add_force, integer, names, yaml_mapping
 from mambaout.layers import TOKEN_MIXERS
 from mambaout.train import TrainingInterrupted
 
@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"another ({metrics})",
     )
     parser.add_argument("--output", default=d.output, metavar="DIR", help=f"the ablation's folder ({d.output})")
+    add_force(parser, "--output folder's ablation.json, results.jsonl, results.md or ablation.png", "an ablation's")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         metric=args.metric,
         output=args.output,
+        force=args.force,
     )
     try:
         run_ablation(settings)

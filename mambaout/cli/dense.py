@@ -15,6 +15,7 @@ from mambaout.dense.inference import (
     predict_detections,
     predict_segmentation,
     validation_loader,
+    validation_root,
     write_json,
 )
 from mambaout.dense.tasks import Detection, evaluate_detection, evaluate_segmentation
@@ -91,12 +92,16 @@ def _train(args: argparse.Namespace, task: type[Task]) -> int:
 def _evaluate(args: argparse.Namespace, task: type[Task]) -> int:
     checkpoint = Path(args.checkpoint).expanduser()
     out = Path(args.json) if args.json else checkpoint.with_name(f"{checkpoint.stem}.eval.json")
-    out = check_output(out, "--json", "dense-eval-json", inputs=[checkpoint], force=args.force)
     env = init_distributed(args.device)  # under torchrun, every process evaluates a shard
     try:
         amp_dtype = resolve_amp(args.amp, env.device)
         dense = load_dense_model(str(checkpoint), task, env.device, args.ema)
+        # the dataset's folder is an input as a whole: its annotations, images and classes.txt are never written
+        inputs = [checkpoint, validation_root(dense, args.data)]
+        out = check_output(out, "--json", "dense-eval-json", inputs=inputs, force=args.force)
         dataset, loader = validation_loader(dense, args.data, env, args.batch_size, args.workers)
+        if env.is_main and dataset.problems:  # images left out of the metrics are said, not silently dropped
+            print(f"warning: {dataset.problem_report()}", file=sys.stderr)
         if task is Detection:
             metrics = evaluate_detection(dense.model, loader, env, amp_dtype, dataset)
         else:
@@ -135,30 +140,27 @@ def _predict(args: argparse.Namespace, task: type[Task]) -> int:
     if folder.exists() and not folder.is_dir():
         raise UserError(f"--output {folder} is a file: name a folder for the PNGs and JSON")
     inputs = [*files, Path(args.checkpoint)]
-    stems = _unique_stems(files)
-    overlays = {f: check_output(folder / f"{stems[f]}.png", "--output", "png", inputs, args.force) for f in files}
+    suffixes = ("",) if task is Detection else ("", "_labels")
+    names = _output_names(files, suffixes)
+    overlays = {f: check_output(folder / names[f][0], "--output", "png", inputs, args.force) for f in files}
     label_maps = {} if task is Detection else {
-        f: check_output(folder / f"{stems[f]}_labels.png", "--output", "png", inputs, args.force) for f in files
+        f: check_output(folder / names[f][1], "--output", "png", inputs, args.force) for f in files
     }  # fmt: skip
     json_path = check_output(folder / "predictions.json", "--output", "dense-predictions", inputs, args.force)
     device = resolve_device(args.device)
     dense = load_dense_model(args.checkpoint, task, device, args.ema)
     amp_dtype = resolve_amp(args.amp, device)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--output: cannot create {folder}: {e.strerror}") from None
     if task is Detection:
-        results, unreadable = predict_detections(dense, files, overlays, args.score_threshold, amp_dtype)
+        results, skipped = predict_detections(dense, files, overlays, args.score_threshold, amp_dtype)
     else:
-        results, unreadable = predict_segmentation(dense, files, overlays, label_maps, amp_dtype)
-    for what, items in (("unreadable files", unreadable), ("links", skipped_links)):
+        results, skipped = predict_segmentation(dense, files, overlays, label_maps, amp_dtype)
+    for what, items in (("files", skipped), ("links", skipped_links)):
         if items:
             shown = "; ".join(f"{path} ({reason})" for path, reason in items[:10])
             print(f"warning: skipped {len(items)} {what}: {shown}", file=sys.stderr)
     write_json(results, json_path)
     what = "detections" if task is Detection else "label maps"
-    print(f"wrote {len(results)} {what} for {len(files) - len(unreadable)} images to {json_path} and PNGs to {folder}")
+    print(f"wrote {len(results)} {what} for {len(files) - len(skipped)} images to {json_path} and PNGs to {folder}")
     return 0
 
 
@@ -167,12 +169,21 @@ def _missing(paths: list[str]) -> tuple:
     raise UserError(f"{missing}: no such file or folder")
 
 
-def _unique_stems(files: list[Path]) -> dict[Path, str]:
-    """An output name per input: its stem, numbered where two inputs share one."""
-    seen: dict[str, int] = {}
+def _output_names(files: list[Path], suffixes: tuple[str, ...]) -> dict[Path, list[str]]:
+    """The PNG names of each input, one per suffix (`x.png`, `x_labels.png`): its stem, numbered (`x_1`) where that
+    would give a name already taken, by an earlier input of the same stem or by another's suffixed name (compared
+    without case, as some file systems compare them).
+
+    Names go by input order (the order of `image_id`), so the same inputs always get the same names; a segmentation's
+    `predictions.json` also names each input's PNGs.
+    """
+    taken: set[str] = set()
     names = {}
     for f in files:
-        count = seen.get(f.stem, 0)
-        seen[f.stem] = count + 1
-        names[f] = f.stem if count == 0 else f"{f.stem}_{count}"
+        stem, number = f.stem, 0
+        while any(f"{stem}{suffix}.png".casefold() in taken for suffix in suffixes):
+            number += 1
+            stem = f"{f.stem}_{number}"
+        names[f] = [f"{stem}{suffix}.png" for suffix in suffixes]
+        taken.update(name.casefold() for name in names[f])
     return names

@@ -1,15 +1,18 @@
 """Reading any image a user may have as 8-bit RGB, and telling why a file cannot be read.
 
 Grayscale, palette, CMYK, alpha and 16-bit images are converted; truncated, empty, non-image and oversized files
-(decompression bombs, past PIL's `Image.MAX_IMAGE_PIXELS`) raise `UnreadableImage` with a short reason.
+(decompression bombs, past PIL's `Image.MAX_IMAGE_PIXELS`) and anything but a regular file (a FIFO, whose read would
+wait for a writer forever; a device) raise `UnreadableImage` with a short reason.
 """
 
 import os
+import stat
 import struct
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -19,6 +22,7 @@ __all__ = [
     "IMG_EXTENSIONS",
     "ImageScan",
     "UnreadableImage",
+    "decode_image",
     "has_image_extension",
     "list_images",
     "load_image",
@@ -67,28 +71,50 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     users expect of photos).
 
     Raises:
-        UnreadableImage: unreadable (permissions), empty, not an image, truncated or corrupt, or larger than
-            `Image.MAX_IMAGE_PIXELS`.
+        UnreadableImage: unreadable (permissions), not a regular file (a FIFO or device), empty, not an image,
+            truncated or corrupt, or larger than `Image.MAX_IMAGE_PIXELS`.
     """
     try:
-        with open(path, "rb") as f:
-            if os.fstat(f.fileno()).st_size == 0:
+        with open(path, "rb", opener=_open_without_waiting) as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or other special file"
+                raise UnreadableImage(path, f"{kind}, not a regular file")
+            if info.st_size == 0:
                 raise UnreadableImage(path, "empty file")
-            with warnings.catch_warnings():
-                # PIL only warns between MAX_IMAGE_PIXELS and twice that; a training loop should not decode such files
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(f) as image:
-                    image.load()
-                    upright = ImageOps.exif_transpose(image)
-                    return to_rgb(upright)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UnreadableImage(path, f"too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImage(path, "not an image") from None
+            return decode_image(f, path)
     except (PermissionError, IsADirectoryError, FileNotFoundError) as e:
         raise UnreadableImage(path, f"cannot open it: {e.strerror}") from None
-    except _DECODE_ERRORS as e:
+    except _DECODE_ERRORS as e:  # opening or sizing it failed otherwise (a socket, a name too long)
         raise UnreadableImage(path, f"corrupt or truncated ({e})") from None
+
+
+def decode_image(f: BinaryIO, name: str | os.PathLike) -> Image.Image:
+    """Decode an open binary file (or `io.BytesIO` of an image held in memory: a tar shard's sample, a dataset's
+    image column) as `load_image` decodes a file: fully, upright, 8-bit RGB.
+
+    Raises:
+        UnreadableImage: Named `name`: not an image, truncated or corrupt, or larger than `Image.MAX_IMAGE_PIXELS`.
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; a training loop should not decode such files
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as image:
+                image.load()
+                upright = ImageOps.exif_transpose(image)
+                return to_rgb(upright)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UnreadableImage(name, f"too large (over {Image.MAX_IMAGE_PIXELS} pixels)") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage(name, "not an image") from None
+    except _DECODE_ERRORS as e:
+        raise UnreadableImage(name, f"corrupt or truncated ({e})") from None
+
+
+def _open_without_waiting(path: str, flags: int) -> int:
+    # opening a FIFO waits for a writer, maybe forever; O_NONBLOCK returns at once (reads of a regular file ignore it)
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))  # Windows has neither FIFOs nor the flag
 
 
 @dataclass
@@ -166,8 +192,8 @@ def _link_problem(target: str, top: str, fence: str | None) -> str | None:
 def list_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Expand files and directories (recursively, sorted, image extensions only) into a list of image files.
 
-    A file named explicitly is kept whatever its extension; a missing path raises `FileNotFoundError`. Folders are read
-    by `scan_images`.
+    A file named explicitly is kept whatever its extension or kind (`load_image` says why a FIFO or `/dev/null` cannot
+    be read); a missing path raises `FileNotFoundError`. Folders are read by `scan_images`.
 
     Returns:
         The image files, and the (link, reason) of every symbolic link not followed.
@@ -179,7 +205,7 @@ def list_images(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tu
             scan = scan_images(entry)
             found.extend(map(Path, scan.files))
             skipped.extend(scan.skipped_links)
-        elif entry.is_file():
+        elif entry.exists():
             found.append(entry)
         else:
             raise FileNotFoundError(entry)

@@ -6,15 +6,17 @@ the last stage, or the head applied at each position) of the predicted or a chos
 input size and the model (reference or `optimize_for_inference`) can be changed, and one button times both models
 on the same input. "Several images" classifies a batch of files into a table.
 
-A file that cannot be read (not an image, truncated, over the pixel limit) becomes a message on the page, and the
-server carries on. Requests queue and run one at a time. The API: `/classify` (image, top, input size, model, map
-class, map method -> top classes, map, details), `/compare` (image, input size, top -> table) and `/classify_many`
-(files, top, input size, model -> table).
+A file that cannot be read (not an image, truncated, over the pixel limit) or an option out of range becomes a
+message on the page and one line on the server's console (`refused upload: ...`, `refused option: ...`; no
+traceback), and the server carries on. Requests queue and run one at a time. The API: `/classify` (image, top, input
+size, model, map class, map method -> top classes, map, details), `/compare` (image, input size, top -> table) and
+`/classify_many` (files, top, input size, model -> table).
 """
 
 import dataclasses
 import html
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -37,7 +39,7 @@ from mambaout.demo.predict import (
     photo_map,
     top_classes,
 )
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
 from mambaout.fast import optimize_for_inference
 from mambaout.train.inference import Classifier, predict_files
 
@@ -86,6 +88,28 @@ def _milliseconds(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms"
 
 
+def _refuse(what: str, message: str, title: str) -> gr.Error:
+    """The error that refuses a request: `refused <what>: <message>` as one line on the server's console, and the
+    message in the page's toast.
+
+    A refusal is the page working, not a bug: gradio prints a traceback for every error an event raises unless the
+    error is made with `print_exception=False`. The message quotes the user's file names and values, so its
+    whitespace is collapsed (a name cannot forge console lines) and, for the toast, which renders HTML, it is escaped.
+    """
+    line = one_line(message, limit=500)
+    print(f"refused {what}: {line}", file=sys.stderr, flush=True)
+    return gr.Error(html.escape(line, quote=False), title=title, print_exception=False)
+
+
+def _integer(value: Any) -> int | None:
+    """`value` as an int when it is a whole number (the API may send 5, 5.0 or "5"), else None."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
 def _upload(value: str | dict[str, Any]) -> tuple[str, str]:
     """(path on the server, the name the user gave it) of an image input: a path, or gradio's file payload."""
     if isinstance(value, dict):
@@ -98,7 +122,8 @@ class DemoPage:
 
     Image inputs are file paths, or gradio's file payloads (`{"path", "orig_name", ...}`): the image events skip
     gradio's preprocessing, which would open the upload with PIL before `load_image` could say what is wrong
-    with it, so every option is checked here rather than by gradio.
+    with it (and would refuse an option with a traceback on the console), so every option is checked here rather
+    than by gradio, and every refusal is made by `_refuse`.
 
     Args:
         classifier: From `load_classifier`; its model stays the reference (Grad-CAM differentiates it).
@@ -121,28 +146,28 @@ class DemoPage:
 
     def data(self, input_size: int | None = None) -> dict[str, Any]:
         """The classifier's preprocessing at `input_size` (one of `sizes`; None: its own)."""
-        side = self.native_size if input_size is None else int(input_size)
+        side = self.native_size if input_size is None else _integer(input_size)
         if side not in self.sizes:
-            raise gr.Error(f"input size must be one of {self.sizes}, not {input_size!r}", title="Bad option")
+            raise _refuse("option", f"input size must be one of {self.sizes}, not {input_size!r}", "Bad option")
         return {**self.classifier.data, "input_size": (3, side, side)}
 
     def _model(self, kind: str) -> nn.Module:
-        if kind not in self.models:
-            raise gr.Error(f"model must be one of {', '.join(self.models)}, not {kind!r}", title="Bad option")
+        if not isinstance(kind, str) or kind not in self.models:
+            raise _refuse("option", f"model must be one of {', '.join(self.models)}, not {kind!r}", "Bad option")
         return self.models[kind]
 
     def _top(self, top: float) -> int:
-        if not 1 <= int(top) <= len(self.labels):
-            raise gr.Error(f"top must be 1 to {len(self.labels)}, not {top!r}", title="Bad option")
-        return int(top)
+        number = _integer(top)
+        if number is None or not 1 <= number <= len(self.labels):
+            raise _refuse("option", f"top must be 1 to {len(self.labels)}, not {top!r}", "Bad option")
+        return number
 
     def _read(self, value: str | dict[str, Any]) -> tuple[Image.Image, str]:
         path, name = _upload(value)
         try:
             return load_image(path), name
         except UnreadableImage as e:
-            # the toast renders HTML: the name is the user's own, but still only text
-            raise gr.Error(f"{html.escape(name)}: {e.reason}", title="Cannot read the image") from None
+            raise _refuse("upload", f"{name}: {e.reason}", "Cannot read the image") from None
 
     def classify(
         self,
@@ -165,12 +190,16 @@ class DemoPage:
         if image is None:
             return None, None, EMPTY
         stages = [AUTO_STAGE, *map(str, range(1, self.stages + 1))]
+        target = _integer(cam_class)
         if (
-            cam_method not in CAM_NAMES
+            not isinstance(cam_method, str)
+            or cam_method not in CAM_NAMES
             or str(cam_stage) not in stages
-            or not PREDICTED <= int(cam_class) < len(self.labels)
+            or target is None
+            or not PREDICTED <= target < len(self.labels)
         ):
-            raise gr.Error(f"no {cam_method!r} map of class {cam_class!r} at stage {cam_stage!r}", title="Bad option")
+            message = f"no {cam_method!r} map of class {cam_class!r} at stage {cam_stage!r}"
+            raise _refuse("option", message, "Bad option")
         data, net, top = self.data(input_size), self._model(model), self._top(top)
         side = data["input_size"][-1]
         if cam_method == "head":
@@ -182,7 +211,7 @@ class DemoPage:
         x = model_input(photo, data)
         prepared = time.perf_counter() - start
         found = top_classes(net, x, top)
-        target = found.indices[0] if int(cam_class) == PREDICTED else int(cam_class)
+        target = found.indices[0] if target == PREDICTED else target
         heat = activation_map(self.classifier.model, x, target, cam_method, stage)
         shown = _for_display(photo)
         overlay = blend_map(shown, photo_map(heat, shown.size, data), crop_box(shown.size, data))
@@ -199,7 +228,7 @@ class DemoPage:
         """Time the reference model and its `optimize_for_inference` twin on one image: a Markdown table with each
         one's top class and median forward time, whether their top classes agree and the speed ratio."""
         if image is None:
-            raise gr.Error("pick an image first", title="No image")
+            raise _refuse("upload", "pick an image first", "No image")
         data, top = self.data(input_size), self._top(top)
         x = model_input(self._read(image)[0], data)
         runs = {
@@ -228,28 +257,34 @@ class DemoPage:
         )
 
     def classify_many(
-        self, images: list[str] | None, top: float = 5, input_size: int | None = None, model: str = "reference"
+        self,
+        images: list[str | dict[str, Any]] | None,
+        top: float = 5,
+        input_size: int | None = None,
+        model: str = "reference",
     ) -> list[list[str]]:
-        """Several files -> one table row each: file, top class, its probability, the top `top` classes (an
-        unreadable file gets a row saying why)."""
+        """Several files (paths or gradio's file payloads) -> one table row each: the file's name, top class, its
+        probability, the top `top` classes (an unreadable file gets a row saying why)."""
         if not images:
             return []
         if len(images) > MAX_FILES:
-            raise gr.Error(f"at most {MAX_FILES} files at a time, not {len(images)}", title="Too many files")
+            raise _refuse("upload", f"at most {MAX_FILES} files at a time, not {len(images)}", "Too many files")
         classifier = dataclasses.replace(self.classifier, model=self._model(model), data=self.data(input_size))
+        uploads = [_upload(image) for image in images]
+        names = dict(uploads)  # path on the server -> the name the user gave it
         try:
-            results, unreadable = predict_files(classifier, list(images), self._top(top), batch_size=8)
+            results, unreadable = predict_files(classifier, [path for path, _ in uploads], self._top(top), batch_size=8)
         except UserError as e:
-            raise gr.Error(str(e), title="Cannot classify") from None
+            raise _refuse("upload", str(e), "Cannot classify") from None
         rows = {}
         for result in results:
             found = result["predictions"]
             ranked = ", ".join(f"{self.labels[p['index']]} {p['probability']:.1%}" for p in found)
             best = f"{found[0]['probability']:.2%}"
-            rows[result["path"]] = [Path(result["path"]).name, self.labels[found[0]["index"]], best, ranked]
+            rows[result["path"]] = [names[result["path"]], self.labels[found[0]["index"]], best, ranked]
         for path, reason in unreadable:
-            rows[path] = [Path(path).name, f"unreadable: {reason}", "", ""]
-        return [rows[str(path)] for path in images if str(path) in rows]
+            rows[path] = [names[path], f"unreadable: {reason}", "", ""]
+        return [rows[path] for path, _ in uploads if path in rows]
 
 
 def build_app(page: DemoPage, examples: list[Path]) -> gr.Blocks:
@@ -308,8 +343,8 @@ def build_app(page: DemoPage, examples: list[Path]) -> gr.Blocks:
             )
         inputs, outputs = [image, top, size, model, cam_class, cam_method, cam_stage], [label, overlay, details]
         # the image's `input` (the user uploads, pastes, shoots or clears) rather than `change`, which gradio fires
-        # twice when an upload replaces an image; preprocess=False: the image reaches `load_image` unopened (gradio
-        # still checks that the path is an upload)
+        # twice when an upload replaces an image; preprocess=False on every event: the images reach `load_image`
+        # unopened and the options reach DemoPage's checks unchecked (gradio still checks that a path is an upload)
         classified = gr.on(
             [classify.click, image.input, *(o.change for o in inputs[1:])],
             page.classify,
@@ -332,6 +367,7 @@ def build_app(page: DemoPage, examples: list[Path]) -> gr.Blocks:
             [files, top, size, model],
             table,
             api_name="classify_many",
+            preprocess=False,
         )
         events += [(compared, comparison, FAILED), (several, table, [])]
         for event, shown, cleared in events:  # the message is gradio's toast; no output may show an older answer

@@ -92,7 +92,10 @@ class SegmentConfig(_DenseConfig):
         "ADE20K-style root (images/ and annotations/, each training/ and validation/), or "
         "pathfinder-seg:SIZE-LENGTH[:N[/M]]; default the embedded IHC",
     )
-    iters: int | None = setting(160_000, "optimizer steps to train instead of --epochs (the last epoch stops part-way)")
+    iters: int | None = setting(
+        160_000,
+        "optimizer steps to train instead of --epochs (the last epoch stops part-way); --epochs alone clears it",
+    )
     warmup_iters: int | None = setting(1500, "linear warmup in optimizer steps instead of --warmup-epochs")
     warmup_lr: float = setting(1e-10, "learning rate at the start of warmup")
     weight_decay: float = setting(0.01, "weight decay, not applied to norms and biases")

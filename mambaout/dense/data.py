@@ -2,18 +2,17 @@
 
 Both keep the classification datasets' contract (`mambaout.data.ImageFiles`): an unreadable image is found as it is
 first read, recorded in shared memory, reported once, and replaced by the next readable sample in training (left out
-of the metrics in evaluation). Bad annotations are found when the dataset is built, skipped, counted by reason and
-reported once (`problems`): boxes of zero area or out of the image, unknown category ids, segmentations that are no
-polygon or RLE, annotations of images whose file is missing. A label map whose size differs from its image, or one
-holding labels past the classes, is an `AnnotationError` naming both files: the data is wrong, not one sample.
+of the metrics in evaluation). Bad annotations are found when the dataset is built, before any training, skipped,
+counted by reason and reported once (`problems`, `problem_report`): every field pycocotools would misread
+(`mambaout.dense.annotations`), boxes of zero area or out of the image, unknown category ids, images whose file is
+missing, images without a label map. A label map whose size differs from its image, or one holding labels past the
+classes, is an `AnnotationError` naming both files: the data is wrong, not one sample. Two images (or label maps) of
+one name but different extensions are a `UserError`: which label map belongs to which image is unknown.
 
 Samples are `torchvision.tv_tensors` (`Image`, `BoundingBoxes`, `Mask`), so the `torchvision.transforms.v2`
 pipelines of `mambaout.dense.transforms` keep boxes, instance masks and label maps consistent with their image.
 """
 
-import contextlib
-import io
-import json
 import os
 from collections import defaultdict
 from collections.abc import Callable
@@ -24,12 +23,12 @@ import numpy as np
 import torch
 from PIL import Image
 from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
 from torchvision import tv_tensors
 
 from mambaout.data import ImageFiles, TransformFailed
 from mambaout.data.images import has_image_extension
-from mambaout.errors import UserError, describe, one_line
+from mambaout.dense.annotations import read_coco
+from mambaout.errors import UserError, describe
 
 __all__ = [
     "IGNORE_INDEX",
@@ -92,9 +91,16 @@ class _Samples(ImageFiles):
     returns that sample with `target["valid"] = False`, which evaluation leaves out.
     """
 
+    problems: _Problems
+    source: Path
+
     def __init__(self, samples: list[tuple[str, int]], transform: Callable | None, substitute: bool, name: str):
         super().__init__(samples, None, substitute, name=name)
         self.pipeline = transform
+
+    def problem_report(self) -> str:
+        """The one warning line of what was skipped: `skipped 3 items of <source>: 2 boxes of zero area (...); ...`."""
+        return f"skipped {self.problems.total()} items of {self.source}: {self.problems.summary()}"
 
     def __getitem__(self, index: int) -> tuple[Any, Any]:
         n = len(self.samples)
@@ -107,7 +113,7 @@ class _Samples(ImageFiles):
             if offset and not self.substitute:
                 sample[1]["valid"] = False  # an evaluation set borrows the image only to keep the batch's shape
             return sample
-        raise RuntimeError(f"every image in {self.name} became unreadable while in use")
+        raise self._lost()
 
     def _target(self, index: int, image: Image.Image) -> tuple[Any, dict[str, Any]]:
         raise NotImplementedError
@@ -145,8 +151,9 @@ class CocoDetection(_Samples):
         category_ids: COCO category id of labels 1..K.
         class_names: Their names.
         image_ids: COCO image id of each sample.
-        problems: What was skipped, by reason.
-        root: The image folder (for reports).
+        problems: What was skipped, by reason (`mambaout.dense.annotations` checks every entry).
+        root: The image folder.
+        source: The JSON (what `problem_report` names).
 
     Raises:
         UserError: The JSON is missing, not JSON or not COCO's format, or no image is usable.
@@ -162,21 +169,20 @@ class CocoDetection(_Samples):
         categories: list[int] | None = None,
     ):
         self.root, self.annotation_file = Path(images).expanduser(), Path(annotations).expanduser()
-        self.masks = masks
+        self.source, self.masks, self.problems = self.annotation_file, masks, _Problems()
         if not self.annotation_file.is_file():
             raise UserError(f"no annotation file {self.annotation_file} (COCO's annotations/instances_<split>.json)")
         if not self.root.is_dir():
             raise UserError(f"no image folder {self.root} for {self.annotation_file}")
-        self.coco = _read_coco(self.annotation_file)
+        self.coco = read_coco(self.annotation_file, masks, self.problems.add)
         names = {c["id"]: str(c.get("name", c["id"])) for c in self.coco.loadCats(self.coco.getCatIds())}
         self.category_ids = list(categories) if categories is not None else sorted(names)
         self.class_names = [names.get(c, str(c)) for c in self.category_ids]
         label_of = {c: i + 1 for i, c in enumerate(self.category_ids)}
-        self.problems = _Problems()
         samples, self.image_ids, self.targets = [], [], []
         for image_id in sorted(self.coco.getImgIds()):
             info = self.coco.imgs[image_id]
-            path = self.root / str(info.get("file_name", ""))
+            path = self.root / info["file_name"]  # a relative path without `..`: inside the folder
             if not path.is_file():
                 self.problems.add("images whose file is missing", str(path))
                 continue
@@ -193,21 +199,20 @@ class CocoDetection(_Samples):
     def _usable(
         self, anns: list[dict[str, Any]], info: dict[str, Any], label_of: dict[int, int], train: bool
     ) -> list[dict[str, Any]]:
-        """The annotations of one image that training can use, each box clipped into the image."""
-        width, height = info.get("width"), info.get("height")
+        """The annotations of one image that training can use, each box clipped into the image.
+
+        Every field is already of its type (`read_coco`); what is checked here is what they mean for training.
+        """
+        width, height = info["width"], info["height"]
         kept = []
         for ann in anns:
-            where = f"annotation {ann.get('id')}"
-            if ann.get("iscrowd"):
+            where = f"annotation {ann['id']}"
+            if ann["iscrowd"]:
                 continue  # crowd regions are no instances: COCOeval reads them from the JSON as regions to ignore
-            if ann.get("category_id") not in label_of:
-                self.problems.add("annotations of unknown category ids", f"{where}: {ann.get('category_id')}")
+            if ann["category_id"] not in label_of:
+                self.problems.add("annotations of unknown category ids", f"{where}: {ann['category_id']}")
                 continue
-            try:
-                x, y, w, h = (float(v) for v in ann["bbox"])
-            except (KeyError, TypeError, ValueError):
-                self.problems.add("annotations without a box", where)
-                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
             if not (w > 0 and h > 0):
                 self.problems.add("boxes of zero area", where)
                 continue
@@ -217,9 +222,6 @@ class CocoDetection(_Samples):
                 continue
             x1, y1 = max(x, 0.0), max(y, 0.0)
             box = [x1, y1, min(x + w, width), min(y + h, height)]
-            if self.masks and not _valid_segmentation(ann.get("segmentation")):
-                self.problems.add("segmentations that are no polygon or RLE", where)
-                continue
             kept.append({"box": box, "label": label_of[ann["category_id"]], "ann": ann})
         return kept
 
@@ -245,42 +247,6 @@ class CocoDetection(_Samples):
         return tv_tensors.Image(torch.from_numpy(np.array(image)).permute(2, 0, 1)), target  # [H,W,3] -> [3,H,W]
 
 
-def _read_coco(path: Path) -> COCO:
-    """pycocotools' index of `path`, quietly (it prints as it loads); a bad file is a `UserError` naming it."""
-    try:
-        dataset = json.loads(path.read_bytes())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path} is not a readable JSON file ({describe(e)})") from None
-    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
-        raise UserError(f"{path} is not a COCO annotation file (no 'images' list)")
-    dataset.setdefault("annotations", [])
-    dataset.setdefault("categories", [])
-    broken = [k for k in ("images", "annotations", "categories") if not all(isinstance(e, dict) for e in dataset[k])]
-    if broken or not all("id" in e for k in ("images", "categories") for e in dataset[k]):
-        raise UserError(f"{path} is not a COCO annotation file (entries of {broken or 'images/categories'} lack ids)")
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        try:
-            coco.createIndex()
-        except (KeyError, TypeError) as e:
-            raise UserError(f"{path} is not a COCO annotation file ({one_line(describe(e))})") from None
-    return coco
-
-
-def _valid_segmentation(segmentation: Any) -> bool:
-    """A list of polygons (each at least three x, y points) or an RLE dict (`counts` and `size`)."""
-    if isinstance(segmentation, dict):
-        size = segmentation.get("size")
-        return "counts" in segmentation and isinstance(size, list) and len(size) == 2
-    if isinstance(segmentation, list) and segmentation:
-        return all(
-            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
-            for p in segmentation
-        )
-    return False
-
-
 def encode_mask(mask: np.ndarray) -> dict[str, Any]:
     """A binary `[H, W]` mask as COCO's compressed RLE, with `counts` as text (JSON-ready)."""
     rle = coco_mask.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -301,9 +267,11 @@ class AdeSegmentation(_Samples):
     Attributes:
         problems: Images without a label map, label maps without an image.
         root: The image folder.
+        source: The image folder (what `problem_report` names).
 
     Raises:
-        UserError: A folder is missing, or no image has a label map.
+        UserError: A folder is missing, two files of a folder share a name but for the extension, or no image has a
+            label map.
     """
 
     def __init__(
@@ -316,6 +284,7 @@ class AdeSegmentation(_Samples):
         reduce_zero_label: bool = True,
     ):
         self.root, self.label_root = Path(images).expanduser(), Path(annotations).expanduser()
+        self.source = self.root
         for folder in (self.root, self.label_root):
             if not folder.is_dir():
                 raise UserError(f"no folder {folder} (ADE20K's images/<split>/ and annotations/<split>/)")
@@ -362,4 +331,19 @@ class AdeSegmentation(_Samples):
 
 
 def _by_stem(folder: Path, keep: Callable[[Path], bool]) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and keep(p)}
+    """The files of `folder` that `keep` takes, by name without extension (how a label map finds its image).
+
+    Raises:
+        UserError: Two of them share that name (`img0.jpg` and `img0.png`): which one a label map belongs to is unknown.
+    """
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or not keep(path):
+            continue
+        if path.stem in found:
+            raise UserError(
+                f"{found[path.stem]} and {path} share the name {path.stem!r}: images and label maps are paired by "
+                "name, so rename or remove one of them"
+            )
+        found[path.stem] = path
+    return found

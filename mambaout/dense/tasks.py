@@ -10,6 +10,7 @@ import abc
 import contextlib
 import dataclasses
 import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from mambaout.dense.examples import coins_coco, ihc_ade
 from mambaout.dense.metrics import ConfusionMatrix, coco_metrics
 from mambaout.dense.segmenter import create_segmenter
 from mambaout.dense.transforms import detection_transform, segmentation_transform
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
 from mambaout.fast.train_step import autocast
 from mambaout.models import get_spec
 from mambaout.models.settings import check_activation_memory
@@ -202,11 +203,14 @@ def read_class_names(root: Path, num_classes: int | None) -> list[str]:
     """An ADE-style dataset's class names: `root/classes.txt` (one per line), else `class_<i>` for `num_classes`.
 
     Raises:
-        UserError: Neither is given, or they disagree.
+        UserError: Neither is given, they disagree, or the listing names a class twice.
     """
     listing = root / "classes.txt"
     if listing.is_file():
         names = [line.strip() for line in listing.read_text(errors="replace").splitlines() if line.strip()]
+        repeated = [name for name, count in Counter(names).items() if count > 1]
+        if repeated:
+            raise UserError(f"{listing} names the class {one_line(repeated[0], 80)!r} twice: give each class one line")
         if num_classes is not None and num_classes != len(names):
             raise UserError(f"--num-classes {num_classes} does not match the {len(names)} classes in {listing}")
         return names
@@ -254,12 +258,7 @@ class _DenseTask(Task):
     def warn_about_data(self) -> None:
         for dataset in (self.train_set, self.val_set):
             if dataset.problems:
-                warn(
-                    f"skipped {dataset.problems.total()} items of {self._source(dataset)}: {dataset.problems.summary()}"
-                )
-
-    def _source(self, dataset: Any) -> str:
-        return str(dataset.root)
+                warn(dataset.problem_report())
 
     def check_memory(self, parts: TrainParts) -> None:
         trunk = self._trunk(parts.module)
@@ -329,9 +328,6 @@ class Detection(_DenseTask):
                             categories=category_ids)  # fmt: skip
         val.pipeline = detection_transform(False, self.config.min_size, self.config.max_size)
         return val
-
-    def _source(self, dataset: Any) -> str:
-        return str(dataset.annotation_file)
 
     def build_model(self, pretrained: bool) -> nn.Module:
         config = self.config = dataclasses.replace(self.config, num_classes=len(self.class_names))

@@ -1,10 +1,12 @@
 """Writers for ONNX, TorchScript and ExportedProgram files, each checked after writing by running what was written.
 
-Every file takes a dynamic batch; ONNX and TorchScript also take any image size, the ExportedProgram any multiple
-of 32 (`torch.export` needs the size expressed as a multiple of a symbol). After writing, the file is loaded back
-(ONNX through ONNX Runtime) and run on fresh random inputs of a batch size and image size other than the ones it
-was traced with; its outputs must match the PyTorch model's to `atol`. The output is written atomically: a failed
-export or verification leaves an existing file as it was.
+Every file takes a dynamic batch; ONNX and TorchScript also take any image size, the ExportedProgram (and the
+`torch.export`-based ONNX) any multiple of 32 (`torch.export` needs the size expressed as a multiple of a symbol)
+from the smallest at which the last stage's map is 2×2 (64 px at the usual stride 32): `torch.export` takes every
+dynamic size to be 2 or more. A side traced at 32 px is fixed in the file instead. After writing, the file
+is loaded back (ONNX through ONNX Runtime) and run on fresh random inputs of a batch size and image size other than
+the ones it was traced with (the same side where it is fixed); its outputs must match the PyTorch model's to `atol`.
+The output is written atomically: a failed export or verification leaves an existing file as it was.
 
 Models with other token mixers export as well (fused, their mixer kept as a module), except the SSM mixer to ONNX:
 its selective scan is a custom op (`mambaout::selective_scan_fused`, or `..._chunked` where the kernel cannot be
@@ -18,6 +20,7 @@ faster at batch 16 than the reference graph; the file is still verified against 
 
 import copy
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -59,23 +62,68 @@ class ExportReport:
         return max((d for _, d in self.checks), default=float("nan"))
 
 
-# torch.export's dynamic dims: any batch, image sides in multiples of the network's stride
-_EXPORT_DYNAMIC = ("batch", "height (x32)", "width (x32)")
+def smallest_dynamic_side(model: nn.Module) -> int:
+    """The smallest image side (a multiple of 32) that a `torch.export` program with dynamic image sides takes.
+
+    `torch.export` takes every dynamic size to be at least 2 (it specialises sizes 0 and 1, where a map of 1 would
+    broadcast) and guards the program with it, so the side must give the last stage a map of 2 or more: twice the
+    network's total stride, its last stage's `reduction` (32 for MambaOut's four stages, less with a smaller stem
+    stride or fewer stages).
+    """
+    reduction = max((info["reduction"] for info in getattr(model, "feature_info", ())), default=SIZE_MULTIPLE)
+    return SIZE_MULTIPLE * max(1, math.ceil(2 * reduction / SIZE_MULTIPLE))
 
 
-def _export_dims() -> dict[str, dict[int, object]]:
-    batch, height, width = (torch.export.Dim(n, min=1, max=4096) for n in ("batch", "height", "width"))
-    return {"x": {0: batch, 2: SIZE_MULTIPLE * height, 3: SIZE_MULTIPLE * width}}
+@dataclass(frozen=True)
+class _ExportShapes:
+    """torch.export's dynamic dims for an example of `img_size`, what they are called, and a second size in them.
+
+    The batch is dynamic. An image side is any multiple of 32 from `smallest` when the example's side is at least 64
+    and `smallest`; a smaller one is fixed: `torch.export` makes a constant of a symbol traced at 1 (32 px as 32 × 1)
+    and cannot keep a side dynamic whose last map it traced at 1×1.
+    """
+
+    img_size: tuple[int, int]
+    smallest: int
+
+    def _dynamic(self, side: int) -> bool:
+        return side >= max(self.smallest, 2 * SIZE_MULTIPLE)
+
+    @property
+    def dims(self) -> dict[str, dict[int, object]]:
+        dims: dict[int, object] = {0: torch.export.Dim("batch", min=1, max=4096)}
+        for axis, name, side in ((2, "height", self.img_size[0]), (3, "width", self.img_size[1])):
+            if self._dynamic(side):
+                dims[axis] = SIZE_MULTIPLE * torch.export.Dim(name, min=self.smallest // SIZE_MULTIPLE, max=4096)
+        return {"x": dims}
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        start = "" if self.smallest == SIZE_MULTIPLE else f" from {self.smallest}"
+        sides = [n for n, side in zip(("height", "width"), self.img_size, strict=True) if self._dynamic(side)]
+        return ("batch", *(f"{n} (x{SIZE_MULTIPLE}{start})" for n in sides))
+
+    @property
+    def other(self) -> tuple[int, int]:
+        """A second image size the program takes: each dynamic side moved by 32, within its range."""
+        height, width = self.img_size
+        if self._dynamic(height):
+            height += SIZE_MULTIPLE
+        if self._dynamic(width):
+            width = max(self.smallest, width - SIZE_MULTIPLE)
+        return height, width
 
 
-def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool) -> tuple[str, ...]:
+def _write_onnx(
+    model: nn.Module, example: torch.Tensor, path: Path, dynamo: bool, shapes: _ExportShapes
+) -> tuple[str, ...]:
     if dynamo:
         program = torch.onnx.export(
             model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
-            dynamic_shapes=_export_dims(), opset_version=ONNX_OPSET, verbose=False,
+            dynamic_shapes=shapes.dims, opset_version=ONNX_OPSET, verbose=False,
         )  # fmt: skip
         program.save(str(path))
-        return _EXPORT_DYNAMIC
+        return shapes.names
     # the TorchScript-based exporter: 25x faster to run and takes any image size, not only multiples of 32
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
@@ -100,12 +148,14 @@ def _write_torchscript(model: nn.Module, example: torch.Tensor, path: Path) -> t
     return ("batch", "height", "width")
 
 
-def _write_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> tuple[str, ...]:
-    program = torch.export.export(model, (example,), dynamic_shapes=_export_dims(), strict=False)
+def _write_exported_program(
+    model: nn.Module, example: torch.Tensor, path: Path, shapes: _ExportShapes
+) -> tuple[str, ...]:
+    program = torch.export.export(model, (example,), dynamic_shapes=shapes.dims, strict=False)
     buffer = io.BytesIO()  # as for TorchScript: a failed write raises here instead of aborting the process
     torch.export.save(program, buffer)
     path.write_bytes(buffer.getbuffer())
-    return _EXPORT_DYNAMIC
+    return shapes.names
 
 
 def load_exported(path: str | os.PathLike, fmt: str):
@@ -177,7 +227,8 @@ def export_model(
         verify: Load the file back and compare it with the model on fresh inputs (batch 1 and 3, the traced size
             and a second size).
         atol: Largest max |difference| the verification accepts.
-        onnx_dynamo: Use the `torch.export`-based ONNX exporter (image sizes then multiples of 32).
+        onnx_dynamo: Use the `torch.export`-based ONNX exporter (image sizes then multiples of 32, as for an
+            ExportedProgram).
         graph: The module written to the file, computing the same function as `model` (e.g.
             `mambaout.fast.fused_graph(model)`: fewer and cheaper ops); default `model` itself. The file is verified
             against `model`.
@@ -210,19 +261,20 @@ def export_model(
     model = copy.deepcopy(model).float().cpu().eval()  # the caller's model keeps its dtype, device and mode
     example = torch.randn(2, 3, *img_size, generator=torch.Generator().manual_seed(0))
     output = Path(output)
-    other = (img_size[0] + SIZE_MULTIPLE, max(SIZE_MULTIPLE, img_size[1] - SIZE_MULTIPLE))
-    if not multiple_only:
-        other = (other[0] + 8, other[1] + 8)  # sizes that are no multiple of the stride must work too
+    shapes = _ExportShapes(img_size, smallest_dynamic_side(model))
+    other = shapes.other
+    if not multiple_only:  # sizes that are no multiple of the stride must work too
+        other = (img_size[0] + SIZE_MULTIPLE + 8, max(SIZE_MULTIPLE, img_size[1] - SIZE_MULTIPLE) + 8)
     # files keep the default weight layout (torch.export's packaging expects it); channels-last is a runtime choice
     graph = model if graph is None else copy.deepcopy(graph).float().cpu().eval()
     graph = graph.to(memory_format=torch.contiguous_format)
     output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(output) as tmp:
         if fmt == "onnx":
-            dynamic = _write_onnx(graph, example, tmp, onnx_dynamo)
+            dynamic = _write_onnx(graph, example, tmp, onnx_dynamo, shapes)
         elif fmt == "torchscript":
             dynamic = _write_torchscript(graph, example, tmp)
         else:
-            dynamic = _write_exported_program(graph, example, tmp)
+            dynamic = _write_exported_program(graph, example, tmp, shapes)
         checks = verify_exported(model, tmp, fmt, [(1, 3, *img_size), (3, 3, *other)], atol) if verify else []
     return ExportReport(output, fmt, checks, dynamic)

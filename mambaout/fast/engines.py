@@ -5,7 +5,8 @@ in them, as peers). Both are optional: ONNX Runtime comes with the `export` extr
 
 - The ONNX file is the fused inference graph written and verified by `mambaout.export.export_model` (verified
   against the reference model to 1e-4), cached under `<cache>/onnx/` by a hash of the architecture and weights,
-  written atomically, so a model is exported once per machine.
+  written atomically, so a model is exported once per machine. Beside it, `<key>.onnx.sha256` holds the SHA-256
+  the file had when its export was verified: a file damaged since (cut short, overwritten) is exported again.
 - ONNX Runtime: a session with the CPU provider (one per thread count, fitted to the free cores per call), any
   batch and image size.
 - OpenVINO: compiled once per input shape (static shapes run 1.2-1.4× faster than the dynamic graph on the dev
@@ -33,6 +34,7 @@ from mambaout.errors import UserError
 from mambaout.export import export_model
 from mambaout.fast.fused import fused_graph
 from mambaout.fast.threads import ThreadFitter
+from mambaout.weights.io import atomic_write, file_sha256
 
 __all__ = [
     "ENGINES",
@@ -107,7 +109,8 @@ def _weights_key(model: nn.Module) -> str:
 
 
 def onnx_file(model: nn.Module, img_size: tuple[int, int] = (224, 224), folder: Path | None = None) -> Path:
-    """The verified fused ONNX export of `model` (exported on the first call for these weights, then reused).
+    """The verified fused ONNX export of `model` (exported on the first call for these weights, then reused while
+    its SHA-256 is the one recorded after its verification; a damaged file is exported again).
 
     Args:
         model: A `MambaOut` (fp32 weights are exported whatever its dtype and device).
@@ -119,10 +122,21 @@ def onnx_file(model: nn.Module, img_size: tuple[int, int] = (224, 224), folder: 
     """
     folder = folder or cache_dir() / "onnx"
     path = folder / f"{_weights_key(model)}.onnx"
-    if not path.is_file():
-        # atomic: never a partial file at `path`
+    digest = path.with_name(f"{path.name}.sha256")
+    if not _intact(path, digest):
+        # atomic: never a partial file at `path`; the digest is written only once the file is verified
         export_model(model, "onnx", path, img_size=img_size, verify=True, graph=fused_graph(model))
+        with atomic_write(digest) as f:
+            f.write(file_sha256(path).encode())
     return path
+
+
+def _intact(path: Path, digest: Path) -> bool:
+    """Whether the cached `path` is the file its verified export wrote: its SHA-256 is the one in `digest`."""
+    try:
+        return path.is_file() and digest.read_bytes().strip() == file_sha256(path).encode()
+    except OSError:  # no digest (never verified, or cached before digests were kept), or unreadable
+        return False
 
 
 def _images_array(x: torch.Tensor) -> np.ndarray:

@@ -489,9 +489,15 @@ def inference_module(
         The twin, the autocast dtype still to apply around it (or None), and its backend in words.
 
     Raises:
-        UserError: An engine asked for off the CPU or with mixed precision, not installed, or unable to hold the model.
+        UserError: An engine asked for off the CPU or with mixed precision, not installed, or unable to hold the model
+            (the SSM token mixer, which ONNX has no operator for, is refused first).
     """
     device = next(model.parameters()).device
+    if backend in ENGINES and any(isinstance(m, SSMMixer) for m in model.modules()):
+        raise UserError(
+            f"--backend {backend} runs an ONNX export of the model, and ONNX has no selective scan (the SSM token "
+            "mixer): use --backend torch"
+        )
     if backend in ENGINES and device.type != "cpu":
         raise UserError(f"--backend {backend} runs on the CPU: add --device cpu, or use --backend torch")
     if backend in ENGINES and amp_dtype is not None:

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 
 from mambaout.errors import UserError, describe
+from mambaout.models.capacity import available_bytes
 from mambaout.models.factory import create_model
 from mambaout.models.mambaout import MambaOut
 
-__all__ = ["available_bytes", "check_activation_memory", "create_configured_model"]
+__all__ = ["check_activation_memory", "create_configured_model"]
 
 # what the constructor raises on a bad argument: an unknown name (TypeError), mismatched stage lists (ValueError),
 # a negative or impossible size (RuntimeError from the layers)
@@ -44,18 +45,6 @@ def create_configured_model(name: str, model_kwargs: Any, source: str, **kwargs:
         return create_model(name, **kwargs, **model_kwargs)
     except _CONSTRUCTOR_ERRORS as e:
         raise UserError(f"{source}: cannot build {name} from {dict(model_kwargs)!r}: {describe(e)}") from None
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for new tensors on `device`: CUDA's free memory, or Linux's MemAvailable; None when unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            fields = dict(line.split(":", 1) for line in f)
-        return int(fields["MemAvailable"].split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 def check_activation_memory(

@@ -2,21 +2,27 @@
 continue from). A new run takes its recipe with the flags on top, a changed length keeping the warm-up in
 proportion; a resumed run takes its saved config, refusing a damaged checkpoint and any change to a setting frozen on
 resume (`Task.frozen_on_resume`).
+
+An explicit flag is never silently overridden by a recipe's default: a length or warm-up in optimizer steps (`iters`,
+`warmup_iters`) wins over its counterpart in epochs, so a flag in epochs given alone clears the steps it would lose
+to (printed), and both given at once are refused.
 """
 
 import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
 from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import read_checkpoint
-from mambaout.train.config import RunConfig, build_config, flag, load_config_file
+from mambaout.train.config import RunConfig, build_config, flag, load_config_file, means_none
 from mambaout.train.task import Task
 
 __all__ = ["prepare_run"]
 
 _RESUME_KEYS = ("model", "optimizer", "epoch", "step", "rng", "config", "class_names")
+# a setting in epochs: its counterpart in optimizer steps (which the engine uses when set) and what both set
+_IN_STEPS = {"epochs": ("iters", "the run's length"), "warmup_epochs": ("warmup_iters", "the warm-up")}
 
 
 def prepare_run(
@@ -30,13 +36,14 @@ def prepare_run(
             resumed run keeps its saved config, changed only by `overrides` of settings outside its frozen ones.
         overrides: Config values given as flags. When `epochs` (`iters`) is given without `warmup_epochs`
             (`warmup_iters`), the recipe's warm-up keeps its share of the schedule (20 of 300 epochs: 2 of 30), and
-            so do its multistep milestones.
+            so do its multistep milestones. `epochs` (`warmup_epochs`) given without `iters` (`warmup_iters`) clears
+            the recipe's, or the resumed run's, steps; a recipe's warm-up in steps then becomes its share in epochs.
         resume: None, "auto" (`<output>/last.pth`; a new run when `<output>` holds no run at all), or a checkpoint
             file or run folder.
 
     Raises:
-        UserError: Bad settings, a run folder with no resumable checkpoint, a damaged checkpoint, or a change to a
-            setting that cannot change on resume.
+        UserError: Bad settings (a length or warm-up given both in epochs and in steps among them), a run folder with
+            no resumable checkpoint, a damaged checkpoint, or a change to a setting that cannot change on resume.
     """
     checkpoint, path = None, None
     if resume == "auto":
@@ -64,40 +71,98 @@ def prepare_run(
     model = str(overrides.get("model", cls.model))
     name = config_file or task.default_recipe(model, overrides.get("data") or None)
     recipe = load_config_file(name, cls, task.recipes) if name else {}
-    return build_config(None, recipe, _kept_in_proportion(cls, recipe, overrides), cls=cls), None
+    base, notes = build_config(None, recipe, cls=cls), []
+    chosen = _kept_in_proportion(base, _explicit_units(base, overrides, "the recipe's", notes), notes)
+    config = build_config(None, recipe, chosen, cls=cls)
+    _refuse_both(config, overrides)
+    _print(notes)
+    return config, None
 
 
-def _kept_in_proportion(cls: type[RunConfig], recipe: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`overrides` plus the recipe's warm-up (and multistep milestones) scaled to a changed length; printed, as it is
-    a choice."""
-    base = build_config(None, recipe, cls=cls)
-    scaled = dict(overrides)
-    for length, parts in (("epochs", ("warmup_epochs", "decay_milestones")), ("iters", ("warmup_iters",))):
-        if length not in overrides or getattr(base, length) is None:
-            continue
-        try:
-            wanted = int(overrides[length])
-        except (TypeError, ValueError):
-            return overrides  # a bad value gets its own message from the config
-        was = getattr(base, length)
-        if wanted == was or wanted < 1:
-            continue
-        for part in parts:
-            value = getattr(base, part)
-            if part in overrides or not value:
-                continue
-            if part == "decay_milestones":
-                scaled[part] = tuple(m * wanted / was for m in value)
-                shown, text = " ".join(f"{m:.3g}" for m in scaled[part]), ", ".join(f"{m:g}" for m in value)
-            else:
-                scaled[part] = value * wanted / was if part == "warmup_epochs" else round(value * wanted / was)
-                shown, text = f"{scaled[part]:.3g}", f"{value:g}"
-            print(
-                f"{flag(part)} {shown}: the recipe's {text} of {was} {length}, kept in proportion for "
-                f"{flag(length)} {wanted} (pass {flag(part)} to choose)",
-                flush=True,
+def _explicit_units(base: RunConfig, overrides: dict[str, Any], whose: str, notes: list[str]) -> dict[str, Any]:
+    """`overrides` where a setting in epochs given without its counterpart in steps (`_IN_STEPS`) clears the steps of
+    `base` (the recipe, or the resumed run: `whose`), which would otherwise win over it; a note says so, as it is a
+    choice. Both given are left for `_refuse_both`."""
+    chosen = dict(overrides)
+    for in_epochs, (in_steps, _) in _IN_STEPS.items():
+        was = getattr(base, in_steps)
+        if in_epochs in overrides and in_steps not in overrides and was is not None:
+            chosen[in_steps] = None
+            notes.append(
+                f"{flag(in_steps)} none: {whose} {was} steps give way to {flag(in_epochs)} "
+                f"{one_line(str(overrides[in_epochs]), 40)} (pass {flag(in_steps)} to count in steps)"
             )
+    return chosen
+
+
+def _refuse_both(config: RunConfig, overrides: dict[str, Any]) -> None:
+    """Refuse a setting given both in epochs and in steps (`_IN_STEPS`, the steps not `none`): one would be ignored."""
+    for in_epochs, (in_steps, what) in _IN_STEPS.items():
+        steps = getattr(config, in_steps)
+        if in_epochs in overrides and in_steps in overrides and steps is not None:
+            raise UserError(
+                f"{flag(in_epochs)} {getattr(config, in_epochs):g} and {flag(in_steps)} {steps} both set {what}, and "
+                f"{flag(in_steps)} would win: pass only one"
+            )
+
+
+def _kept_in_proportion(base: RunConfig, overrides: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """`overrides` plus the recipe's (`base`'s) warm-up and multistep milestones scaled to a changed length, and its
+    warm-up in steps turned into the same share in epochs when the length is given in epochs (`_explicit_units`
+    cleared its steps); a note says so, as it is a choice."""
+    try:
+        given = {k: None if means_none(v) else int(v) for k, v in overrides.items() if k in ("epochs", "iters")}
+    except (TypeError, ValueError):
+        return overrides  # a bad value gets its own message from the config
+    if base.iters is None:
+        return _scaled(base, overrides, "epochs", given.get("epochs"), ("warmup_epochs", "decay_milestones"), notes)
+    if given.get("iters") is not None:
+        return _scaled(base, overrides, "iters", given["iters"], ("warmup_iters",), notes)
+    if "iters" not in given or not base.warmup_iters or {"warmup_epochs", "warmup_iters"} & overrides.keys():
+        return overrides
+    epochs = given.get("epochs") or base.epochs
+    warmup = base.warmup_iters / base.iters * epochs
+    notes.append(
+        f"{flag('warmup_epochs')} {warmup:.3g}: the recipe's {base.warmup_iters} of {base.iters} iters, kept in "
+        f"proportion for {flag('epochs')} {epochs} (pass {flag('warmup_epochs')} to choose)"
+    )
+    return {**overrides, "warmup_iters": None, "warmup_epochs": warmup}
+
+
+def _scaled(
+    base: RunConfig,
+    overrides: dict[str, Any],
+    length: str,
+    wanted: int | None,
+    parts: tuple[str, ...],
+    notes: list[str],
+) -> dict[str, Any]:
+    """`overrides` plus those of `parts` not given, scaled from the recipe's `length` to `wanted`, each with a note."""
+    was = getattr(base, length)
+    scaled = dict(overrides)
+    if wanted is None or wanted == was or wanted < 1:
+        return scaled
+    for part in parts:
+        value = getattr(base, part)
+        if part in overrides or not value:
+            continue
+        if part == "decay_milestones":
+            scaled[part] = tuple(m * wanted / was for m in value)
+            shown, text = " ".join(f"{m:.3g}" for m in scaled[part]), ", ".join(f"{m:g}" for m in value)
+        else:
+            scaled[part] = value * wanted / was if part == "warmup_epochs" else round(value * wanted / was)
+            shown, text = f"{scaled[part]:.3g}", f"{value:g}"
+        notes.append(
+            f"{flag(part)} {shown}: the recipe's {text} of {was} {length}, kept in proportion for "
+            f"{flag(length)} {wanted} (pass {flag(part)} to choose)"
+        )
     return scaled
+
+
+def _print(notes: list[str]) -> None:
+    """The choices made for the user, printed once the config they lead to is valid."""
+    for note in notes:
+        print(note, flush=True)
 
 
 def _read_resumable(task: type[Task], path: Path) -> dict[str, Any]:
@@ -149,7 +214,9 @@ def _resumed_config(task: type[Task], checkpoint: dict[str, Any], overrides: dic
         saved = build_config(checkpoint["config"], cls=cls)
     except UserError as e:
         raise UserError(f"--resume: {path} holds a config this version rejects: {e}") from None
-    requested = build_config(checkpoint["config"], overrides, cls=cls)
+    notes: list[str] = []
+    requested = build_config(checkpoint["config"], _explicit_units(saved, overrides, "the run's", notes), cls=cls)
+    _refuse_both(requested, overrides)
     changed = [f.name for f in dataclasses.fields(cls) if getattr(saved, f.name) != getattr(requested, f.name)]
     frozen = [k for k in changed if k in task.frozen_on_resume]
     if frozen:
@@ -158,6 +225,7 @@ def _resumed_config(task: type[Task], checkpoint: dict[str, Any], overrides: dic
             f"({_changes(saved, requested, frozen)}): drop those flags, or start a new run from its weights with "
             f"--pretrained {path} --output NEW_DIR"
         )
+    _print(notes)
     if changed:
         print(f"resuming with changed settings: {_changes(saved, requested, changed)}", flush=True)
     return requested

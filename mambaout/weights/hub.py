@@ -2,12 +2,14 @@
 
 A folder is named as timm names it: `local-dir:DIR` for a folder on disk, `hf-hub:ORG/REPO[@REVISION]` for a
 Hugging Face Hub repository, whose files are taken from huggingface_hub's cache when it has them and downloaded into
-it otherwise (so timm and this package share one copy). `write_hub_folder` writes the format that
-`timm.create_model("local-dir:DIR", pretrained=True)` reads.
+it otherwise (so timm and this package share one copy); a repository id or revision huggingface_hub would refuse,
+or one that would lead out of its cache, is refused first. A `config.json` read is checked field by field
+(`hub_config`). `write_hub_folder` writes the format that `timm.create_model("local-dir:DIR", pretrained=True)` reads.
 """
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,12 +18,15 @@ import huggingface_hub
 import torch
 from huggingface_hub.errors import (
     EntryNotFoundError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, one_line
+from mambaout.weights.hub_config import check_hub_config
 from mambaout.weights.io import atomic_write, save_state_dict
 from mambaout.weights.layouts import convert_state_dict
 
@@ -32,13 +37,17 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # the weight files timm looks for in a folder, in its order of preference (safetensors first)
 _WEIGHT_FILES = (WEIGHTS_NAME, "pytorch_model.bin", "pytorch_model.pth", "model.pth")
+# a branch, tag or commit: names joined by '/', none of them '.' or '..' (huggingface_hub reads `refs/<revision>` in
+# its cache, so a revision must not climb out of it)
+_REVISION = re.compile(r"(?!\.\.?(/|$))[\w.-]+(/(?!\.\.?(/|$))[\w.-]+)*", re.ASCII)
 
 
 def split_source(name: str) -> tuple[str | None, str]:
     """`"hf-hub:timm/x"` -> `("hf-hub", "timm/x")`; a name without a hub prefix -> `(None, name)`.
 
     Raises:
-        UserError: A hub prefix with nothing after it.
+        UserError: A hub prefix with nothing after it, or an `hf-hub:` name that is no repository id
+            (`ORG/NAME[@REVISION]` as huggingface_hub validates it, and a revision that stays in its cache).
     """
     prefix, sep, rest = name.partition(":")
     source = prefix.lower().replace("_", "-")  # timm also takes `hf_hub:`
@@ -46,7 +55,24 @@ def split_source(name: str) -> tuple[str | None, str]:
         return None, name
     if not rest:
         raise UserError(f"'{name}' names no folder or repository after '{prefix}:'")
+    if source == "hf-hub":
+        _check_repo(name, rest)
     return source, rest
+
+
+def _check_repo(name: str, repo: str) -> None:
+    repo_id, at, revision = repo.partition("@")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(
+            f"'{one_line(name, 120)}' is no Hugging Face Hub repository id ({e}): name one as hf-hub:ORG/NAME"
+        ) from None
+    if at and not _REVISION.fullmatch(revision):
+        raise UserError(
+            f"'{one_line(name, 120)}': the revision after '@' must be a branch, tag or commit (letters, digits, "
+            "'.', '_', '-' and '/', no '.' or '..' part)"
+        )
 
 
 def _hf_file(repo: str, filename: str, cache_dir: str | os.PathLike | None) -> Path | None:
@@ -84,7 +110,7 @@ def _hub_file(source: str, location: str, filename: str, cache_dir: str | os.Pat
 
 
 def read_hub_config(source: str, location: str, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The `config.json` of a hub folder, in timm's current form.
+    """The `config.json` of a hub folder, checked (`check_hub_config`), in timm's current form.
 
     Args:
         source: "hf-hub" or "local-dir" (see `split_source`).
@@ -92,11 +118,11 @@ def read_hub_config(source: str, location: str, cache_dir: str | os.PathLike | N
         cache_dir: huggingface_hub's cache folder; default its own.
 
     Returns:
-        `architecture`, `num_classes`, `model_args` (constructor arguments) and `pretrained_cfg` (with `source` and
-        `hf_hub_id` or `file` saying where it came from, as timm records them).
+        `architecture`, `num_classes`, `model_args` (constructor arguments), `pretrained_cfg` (with `source` and
+        `hf_hub_id` or `file` saying where it came from, as timm records them) and `path` (the file read).
 
     Raises:
-        UserError: No config.json, not JSON, or no architecture in it.
+        UserError: No config.json, not JSON, or a field missing, mistyped or out of range (the message names it).
     """
     name = f"{source}:{location}"
     path = _hub_file(source, location, CONFIG_NAME, cache_dir)
@@ -106,8 +132,7 @@ def read_hub_config(source: str, location: str, cache_dir: str | os.PathLike | N
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from e
-    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
-        raise UserError(f"{path} names no architecture: is it a timm model config?")
+    check_hub_config(config, path)
     cfg = dict(config.get("pretrained_cfg", {}))
     if "pretrained_cfg" not in config:  # timm's older single-dict configs
         cfg = {k: v for k, v in config.items() if k not in ("architecture", "num_features")}
@@ -124,6 +149,7 @@ def read_hub_config(source: str, location: str, cache_dir: str | os.PathLike | N
         "num_classes": cfg.get("num_classes", 1000),
         "model_args": model_args,
         "pretrained_cfg": cfg,
+        "path": path,
     }
 
 

@@ -27,8 +27,8 @@ __all__ = [
     "checkpoint_num_classes",
     "first_nonfinite",
     "load_checkpoint",
-    "load_checkpoint_path",
     "our_layout",
+    "read_checkpoint_path",
     "read_state_dict",
     "unwrap_state_dict",
 ]
@@ -276,18 +276,19 @@ def _adapt_first_conv(
     return {**state_dict, _FIRST_CONV: adapted}
 
 
-def load_checkpoint_path(model: nn.Module, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> None:
-    """Load `create_model(checkpoint_path=...)`: the checkpoint's EMA weights when it has them, as timm does.
+def read_checkpoint_path(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights `create_model(checkpoint_path=...)` loads, in our layout: its EMA weights when it has them, as timm.
 
     Args:
-        model: The built model.
         path: Any source `read_state_dict` reads.
         cache_dir: huggingface_hub's cache folder for `hf-hub:` sources.
 
     Raises:
-        UserError: Unreadable checkpoint or weights that do not fit.
+        UserError: Unreadable checkpoint, or not MambaOut weights.
     """
     file = _resolve_file(path, None, cache_dir)
     checkpoint = read_file(file)
     has_ema = isinstance(checkpoint, Mapping) and any(isinstance(checkpoint.get(k), Mapping) for k in _EMA_KEYS)
-    load_checkpoint(model, checkpoint, prefer_ema=has_ema, name=str(file))
+    return our_layout(unwrap_state_dict(checkpoint, prefer_ema=has_ema, name=str(file)), str(file))

@@ -2,9 +2,9 @@
 
 Every command that writes a file calls `check_output` on it first. It refuses, with one line naming the flag:
 a folder given where a file is due, a file given where its folder is due, an output that is one of the command's
-inputs (compared as real paths: symlinks, `..`, hard links), a file of a training run (its checkpoints, metrics or
-config), and an existing file that is not of the kind the command writes (a photo or notes where predictions would
-go), unless `force`.
+inputs (compared as real paths: symlinks, `..`, hard links) or lies inside an input folder (a dataset is read whole),
+a file of a training run (its checkpoints, metrics or config), and an existing file that is not of the kind the
+command writes (a photo or notes where predictions would go), unless `force`. `force` never lifts the others.
 The write itself is atomic (`mambaout.weights.io.atomic_path`): an old file stays whole until the new one is complete.
 """
 
@@ -41,6 +41,9 @@ OUTPUT_KINDS = {
     "eval-json": lambda head: head.lstrip().startswith(b"{") and b'"top1"' in head and b'"checkpoint"' in head,
     "predictions": _predictions,
     "bench": lambda head: head.startswith(b"### ") and b"mambaout bench" in head,
+    "bench-csv": lambda head: (  # timm's benchmark columns, then our own last (a timm CSV is not ours)
+        head.startswith(b"model,") and head.split(b"\n", 1)[0].rstrip().endswith(b",mambaout_path")
+    ),
     "png": lambda head: head.startswith(_PNG) and PNG_SOFTWARE.encode() in head,
     "checkpoint": _checkpoint,
     "onnx": lambda head: head[:1] == b"\x08",  # an ONNX ModelProto opens with field 1, ir_version
@@ -52,11 +55,20 @@ OUTPUT_KINDS = {
     "scaling-json": lambda head: head.lstrip().startswith(b"{") and b'"kind": "mambaout scaling"' in head,
     "erf-json": lambda head: head.lstrip().startswith(b"{") and b'"kind": "mambaout erf"' in head,
     "npy": lambda head: head.startswith(b"\x93NUMPY"),
+    "ablation-json": lambda head: head.lstrip().startswith(b"{") and b'"config"' in head and b'"model_kwargs"' in head,
+    "ablation-results": lambda head: (  # results.jsonl: one run a line, each naming its mixer and seed
+        head.lstrip().startswith(b"{") and b'"mixer": ' in head.split(b"\n", 1)[0] and b'"seed": ' in head
+    ),
+    "ablation-md": lambda head: head.startswith(b"### Ablation: "),
+    "shard": lambda head: head[257:262] == b"ustar",  # a tar archive's header magic
+    "shard-info": lambda head: head.lstrip().startswith(b"{") and b'"splits"' in head,
+    "hub-config": lambda head: head.lstrip().startswith(b"{") and b'"architecture"' in head,
 }
 _DESCRIBED = {
     "eval-json": "a `mambaout eval` results file",
     "predictions": "a `mambaout predict` output",
     "bench": "a `mambaout bench` table",
+    "bench-csv": "a `mambaout bench --csv` table",
     "png": "a `mambaout plot` image",
     "checkpoint": "a checkpoint",
     "onnx": "an ONNX file",
@@ -66,6 +78,12 @@ _DESCRIBED = {
     "scaling-json": "a `mambaout scaling` JSON",
     "erf-json": "a `mambaout erf` JSON",
     "npy": "a NumPy .npy array",
+    "ablation-json": "a `mambaout ablate` ablation.json",
+    "ablation-results": "a `mambaout ablate` results.jsonl",
+    "ablation-md": "a `mambaout ablate` results.md",
+    "shard": "a tar shard",
+    "shard-info": "a shards' _info.json",
+    "hub-config": "a hub folder's config.json",
 }
 
 
@@ -95,11 +113,13 @@ def check_output(
         path: The output file.
         flag: How the user gave it (`--output`, `DST`), for the message.
         kind: One of `OUTPUT_KINDS`: what the command writes there.
-        inputs: The command's input files (checkpoints, images, configs).
-        force: Replace an existing file of another kind (never an input or a run's own file).
+        inputs: The command's input files (checkpoints, images, configs) and folders (datasets: nothing inside one
+            may be written).
+        force: Replace an existing file of another kind (never an input, a file in an input folder, or a run's own
+            file).
 
     Raises:
-        UserError: The output is a folder, its parent is a file, it is an input, it is a
+        UserError: The output is a folder, its parent is a file, it is an input or inside an input folder, it is a
             run's checkpoint, metrics or config, or it is an existing file of another kind and `force` is off.
     """
     path = Path(path).expanduser()
@@ -112,6 +132,11 @@ def check_output(
         given = Path(given).expanduser()
         if same_file(path, given):
             raise UserError(f"{flag} {path} is also an input ({given}): writing it would destroy it; pick another name")
+        if given.is_dir() and os.path.realpath(path).startswith(os.path.join(os.path.realpath(given), "")):
+            raise UserError(
+                f"{flag} {path} is inside the input folder {given}: writing there could destroy the data it reads; "
+                "pick a path outside it"
+            )
     if _run_file(path):
         raise UserError(
             f"{flag} {path} is a file of the training run in {path.parent}; writing it would destroy the run: pick "
@@ -141,6 +166,7 @@ def _suffix(kind: str) -> str:
         "erf-json": ".json",
         "npy": ".npy",
         "bench": ".md",
+        "bench-csv": ".csv",
         "png": ".png",
         "checkpoint": ".pth",
     }

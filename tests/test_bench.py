@@ -126,7 +126,7 @@ def table_rows(text: str) -> dict[str, list[float]]:
 )
 def test_run_benchmark_tiny(kwargs, expected):
     settings = BenchSettings(batch_size=2, img_size=64, repeats=1, warmup=1, threads=1, **kwargs)
-    text = run_benchmark(settings)
+    text = run_benchmark(settings).markdown
     assert COLUMNS in text and settings.command() in text
     rows = table_rows(text)
     assert list(rows) == expected
@@ -138,7 +138,7 @@ def test_run_benchmark_tiny(kwargs, expected):
 def test_token_mixer_rows_have_their_own_params_and_macs(train):
     mixers = ("conv", "conv_ssm", "attention")
     settings = BenchSettings(batch_size=2, img_size=64, repeats=1, threads=1, train=train, token_mixers=mixers)
-    text = run_benchmark(settings)
+    text = run_benchmark(settings).markdown
     assert "--token-mixer conv,conv_ssm,attention" in settings.command() and "selective scan" in text
     rows = table_rows(text)
     assert list(rows) == list(mixers) and rows["conv"][-1] == 1.0

@@ -93,6 +93,7 @@ def _base(ws: Workspace, command: str) -> list[str]:
             "scaling", "--sizes", "32", "--mixers", "conv", "--repeats", "1", "--json", str(ws.root / "s.json"),
         ],
         "erf": ["erf", "--data", str(ws.root / "missing"), "--output", str(ws.root / "erf")],
+        "data shards": ["data", "shards", str(ws.tree), str(ws.root / "shards")],
         "detect train": [
             "detect", "train", "--data", str(ws.coco), "--output", str(ws.root / "new-detect"),
             *dense_flags(DETECT, epochs=1),

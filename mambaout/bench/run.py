@@ -1,4 +1,5 @@
-"""`run_benchmark`: build the paths a `BenchSettings` asks for, measure them interleaved, return the Markdown."""
+"""`run_benchmark`: build the paths a `BenchSettings` asks for, measure them interleaved, return what it measured
+(a `BenchReport`: the results and their Markdown)."""
 
 import contextlib
 import shlex
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from mambaout.bench.harness import (
+    PathResult,
     busy_processes,
     load_average,
     machine_summary,
@@ -27,7 +29,7 @@ from mambaout.layers import TOKEN_MIXERS
 from mambaout.models import create_model, get_spec, model_complexity
 from mambaout.train.distributed import check_device
 
-__all__ = ["DTYPES", "BenchSettings", "matmul_peak_gflops", "run_benchmark"]
+__all__ = ["DTYPES", "BenchReport", "BenchSettings", "matmul_peak_gflops", "run_benchmark"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -145,6 +147,25 @@ class BenchSettings:
         return shlex.join(args)
 
 
+@dataclass
+class BenchReport:
+    """What `run_benchmark` measured.
+
+    Attributes:
+        settings: The benchmark that ran.
+        results: One per path, in the table's order.
+        params: Parameters of the model (a result with its own `params` has its own).
+        macs: Multiply-accumulates per image of the model (likewise).
+        markdown: The Markdown section: heading, how and where it ran, the table, notes.
+    """
+
+    settings: BenchSettings
+    results: list[PathResult]
+    params: int
+    macs: int
+    markdown: str
+
+
 def _square_multiplies(dtype: torch.dtype, device: str) -> dict[str, object]:
     """The ways PyTorch multiplies two matrices here: `a @ b`, and on the CPU also oneDNN's inner product, which
     runs AVX-512 kernels on AMD CPUs where MKL (behind `@`) stays at AVX2 (1.6× faster on the dev machine)."""
@@ -209,8 +230,8 @@ def _paths(settings: BenchSettings, model: torch.nn.Module, x: torch.Tensor, fol
     return paths
 
 
-def run_benchmark(settings: BenchSettings) -> str:
-    """Measure the paths `settings` asks for and return the Markdown section (heading, context, table, notes)."""
+def run_benchmark(settings: BenchSettings) -> BenchReport:
+    """Measure the paths `settings` asks for; the report holds the results and their Markdown section."""
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)
     if settings.malloc == "tuned":
@@ -265,4 +286,5 @@ def run_benchmark(settings: BenchSettings) -> str:
         f"{settings.device}"
     )
     table_args = (title, settings.command(), results, settings.batch_size, params, macs, machine, load_after, notes)
-    return markdown_table(*table_args, peak_gflops=peak, flops_per_mac=2 * per_image)
+    markdown = markdown_table(*table_args, peak_gflops=peak, flops_per_mac=2 * per_image)
+    return BenchReport(settings, results, params, macs, markdown)

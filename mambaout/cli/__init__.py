@@ -31,6 +31,7 @@ SUBCOMMANDS = (
     "segment",
     "scaling",
     "erf",
+    "data",
 )
 # the subcommands that run models, so that glibc's malloc may keep their large CPU tensors' memory for reuse
 MALLOC_SUBCOMMANDS = ("train", "eval", "predict", "bench", "ablate", "scaling", "erf")

@@ -5,16 +5,17 @@ the machine falls on all of them alike. The table gives params, MACs, images/s, 
 the ratio to timm eager, with the machine, the date and the load average; BENCHMARKS.md keeps these tables.
 With --token-mixer, the rows are our model built with each token mixer instead (what the SSM or attention costs).
 --peers adds the engines a user would pick instead of ours (and names the fastest); --load N measures beside N
-busy processes.
+busy processes. --csv writes the rows in timm's `benchmark.py` columns, to set beside timm's published tables.
 """
 
 import argparse
 import os
 
-from mambaout.bench import DTYPES, BenchSettings, run_benchmark
+from mambaout.bench import DTYPES, BenchSettings, run_benchmark, write_timm_csv
 from mambaout.cli.args import add_force, integer, names
+from mambaout.errors import UserError
 from mambaout.layers import TOKEN_MIXERS
-from mambaout.outputs import check_output
+from mambaout.outputs import check_output, same_file
 from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.weights.io import atomic_path
 
@@ -78,7 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="keep N other processes busy (a core each) beside the measurement (0)",
     )
     parser.add_argument("--output", metavar="FILE", help="also write the Markdown to FILE (atomically)")
-    add_force(parser, "--output", "a bench table")
+    parser.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="also write the rows in timm's benchmark.py columns to FILE (atomically), to set beside timm's "
+        "results/benchmark-*.csv",
+    )
+    add_force(parser, "--output or --csv", "what bench writes there")
 
 
 def _mixers(flag: str | None) -> tuple[str, ...]:
@@ -89,6 +96,9 @@ def _mixers(flag: str | None) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     output = check_output(args.output, "--output", "bench", force=args.force) if args.output else None
+    table_csv = check_output(args.csv, "--csv", "bench-csv", force=args.force) if args.csv else None
+    if output is not None and table_csv is not None and same_file(output, table_csv):
+        raise UserError(f"--csv {table_csv} is also the --output file: name two files")
     settings = BenchSettings(
         model=args.model,
         batch_size=args.batch_size,
@@ -109,10 +119,12 @@ def run(args: argparse.Namespace) -> int:
         token_mixers=_mixers(args.token_mixer),
         load=args.load,
     )
-    table = run_benchmark(settings)
-    print(table)
+    report = run_benchmark(settings)
+    print(report.markdown)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(output) as tmp:
-            tmp.write_text(table)
+            tmp.write_text(report.markdown)
+    if table_csv is not None:
+        write_timm_csv(table_csv, report)
     return 0

@@ -1,12 +1,14 @@
 """Evaluate a checkpoint on an ImageFolder tree: top-1/top-5, loss, images/s, written as JSON too.
 
 Class folders are matched to the model's classes by name (a run's folder names, or ImageNet's WordNet ids); a
-dataset root holding train/ and val/ is evaluated on val/.
+dataset root holding train/ and val/ is evaluated on val/. WebDataset shards (`wds:`) and Hugging Face datasets
+(`hfds:`) are evaluated on their validation split, or on the shards a pattern names.
 
 examples:
   mambaout eval --checkpoint runs/digits/best.pth                 # on the run's own val split
   mambaout eval --model mambaout_femto --checkpoint official --data /data/imagenet/val
   mambaout eval --checkpoint runs/pets/best.pth --data photos --class-map kitty=cat,pup=dog
+  mambaout eval --checkpoint runs/in1k/best.pth --data 'wds:https://host/in1k/val-{000000..000049}.tar'
 """
 
 import argparse
@@ -15,6 +17,7 @@ import os
 from pathlib import Path
 
 from mambaout.cli.args import add_force, class_map, image_size, integer, number
+from mambaout.data import digits_tree, parse_source_name, resolve_data
 from mambaout.errors import UserError
 from mambaout.fast import BACKENDS, inference_module
 from mambaout.outputs import check_output
@@ -28,11 +31,16 @@ from mambaout.weights.io import atomic_write
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, or 'official'/'timm'")
+    parser.add_argument(
+        "--checkpoint",
+        help="training checkpoint, hub folder (local-dir:DIR, hf-hub:ORG/NAME), weights file or URL, or "
+        "'official'/'timm'",
+    )
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
     parser.add_argument(
         "--data",
-        help="ImageFolder tree <data>/<class>/<images>, a dataset root or a data name (default: a run's own val split)",
+        help="ImageFolder tree <data>/<class>/<images>, a dataset root, a data name, wds:SHARDS or hfds:PATH "
+        "(default: a run's own val split)",
     )
     parser.add_argument("--ema", action="store_true", help="evaluate the checkpoint's EMA weights")
     parser.add_argument(
@@ -76,7 +84,6 @@ def _results_path(args: argparse.Namespace) -> tuple[Path, list[Path]]:
 
 def run(args: argparse.Namespace) -> int:
     out, inputs = _results_path(args)
-    out = check_output(out, "--json", "eval-json", inputs=inputs, force=args.force)
     env = init_distributed(args.device)  # under torchrun, every process evaluates a shard
     try:
         amp_dtype = resolve_amp(args.amp, env.device)
@@ -84,6 +91,11 @@ def run(args: argparse.Namespace) -> int:
         data = args.data or classifier.val_data
         if data is None:
             raise UserError("--data is needed: an ImageFolder tree <data>/<class>/<images>")
+        source = parse_source_name(data)
+        data = resolve_data(data, "classification", digits_tree) if source is None else data
+        # the data folder is an input as a whole: none of its images is ever written, not even with --force
+        read = [data] if source is None else [source.local] if source.local else []
+        out = check_output(out, "--json", "eval-json", inputs=[*inputs, *read], force=args.force)
         model, amp_dtype, backend = inference_module(classifier.model, args.backend, amp_dtype)
         result = evaluate_folder(
             classifier, data, env, args.batch_size, args.workers, amp_dtype, args.class_map, args.by_position, model

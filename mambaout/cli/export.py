@@ -1,8 +1,11 @@
-"""Export a model to ONNX, TorchScript or an ExportedProgram, then verify the file against PyTorch.
+"""Export a model to ONNX, TorchScript or an ExportedProgram, then verify the file against PyTorch; or share a
+training run as a hub folder in timm's format (`--format hub`).
 
 The file takes a dynamic batch (and any image size for ONNX and TorchScript, multiples of 32 for an
 ExportedProgram). It is run after writing (ONNX through ONNX Runtime) on fresh inputs of other batch and image
-sizes, and kept only when its outputs match PyTorch's to --atol.
+sizes, and kept only when its outputs match PyTorch's to --atol. A hub folder (`config.json` + `model.safetensors`)
+carries the run's classes and preprocessing, so `timm.create_model("local-dir:DIR", pretrained=True)` and
+`mambaout predict --checkpoint local-dir:DIR` classify as `mambaout eval` does (`mambaout.train.share`).
 """
 
 import argparse
@@ -19,16 +22,23 @@ from mambaout.models.settings import create_configured_model
 from mambaout.outputs import check_output
 from mambaout.train.checkpoint import is_run_checkpoint
 from mambaout.train.config import MAX_INPUT_SIZE
+from mambaout.train.share import share_run
 from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict, unwrap_state_dict
 from mambaout.weights.download import is_url
+from mambaout.weights.hub import CONFIG_NAME as HUB_CONFIG
+from mambaout.weights.hub import WEIGHTS_NAME as HUB_WEIGHTS
 from mambaout.weights.io import read_file
+
+HUB = "hub"  # --format hub: a hub folder in timm's format
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="NAME", help="variant name, see `mambaout models`")
+    parser.add_argument(
+        "--model", metavar="NAME", help="variant name, see `mambaout models` (--format hub: the checkpoint's)"
+    )
     parser.add_argument("--checkpoint", metavar="PATH", help="weights in any layout (default: random init)")
-    parser.add_argument("--format", required=True, choices=FORMATS, help="file format")
-    parser.add_argument("--output", required=True, metavar="FILE", help="file to write (atomically)")
+    parser.add_argument("--format", required=True, choices=(*FORMATS, HUB), help="file format, or a hub folder")
+    parser.add_argument("--output", required=True, metavar="FILE", help="file to write (atomically); hub: a folder")
     add_force(parser, "--output", "an export file")
     parser.add_argument(
         "--img-size", type=integer(32, MAX_INPUT_SIZE), nargs="+", default=[224], metavar="N", help="H [W] to trace at"
@@ -72,7 +82,31 @@ def build_model(name: str, checkpoint: str | None, num_classes: int | None) -> n
     return model
 
 
+def _share(args: argparse.Namespace) -> int:
+    """`--format hub`: the run's classifier, classes and preprocessing as a hub folder."""
+    if not args.checkpoint:
+        raise UserError("--format hub shares a trained model: give its checkpoint with --checkpoint RUN/best.pth")
+    folder = Path(args.output).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--output {folder} is a file: --format hub writes a folder (config.json, model.safetensors)")
+    inputs = [] if is_url(args.checkpoint) else [Path(args.checkpoint)]
+    for name, kind in ((HUB_CONFIG, "hub-config"), (HUB_WEIGHTS, "checkpoint")):
+        check_output(folder / name, "--output", kind, inputs=inputs, force=args.force)
+    classifier = share_run(args.checkpoint, folder, model_name=args.model)
+    size = "x".join(map(str, classifier.data["input_size"][1:]))
+    print(
+        f"wrote {folder} (hub folder: {HUB_CONFIG}, {HUB_WEIGHTS}): {classifier.model_name}, "
+        f"{len(classifier.class_names)} classes, input {size}, crop_pct {classifier.data['crop_pct']:g}, "
+        f'{classifier.data["interpolation"]}; load it with timm.create_model("local-dir:{folder}", pretrained=True)'
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.format == HUB:
+        return _share(args)
+    if not args.model:
+        raise UserError(f"--format {args.format} needs --model NAME (see `mambaout models`)")
     if len(args.img_size) > 2:
         raise UserError(f"--img-size takes H or H W, got {' '.join(map(str, args.img_size))}")
     inputs = [Path(args.checkpoint)] if args.checkpoint and not is_url(args.checkpoint) else []

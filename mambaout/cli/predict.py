@@ -32,7 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive), or a data name"
     )
     parser.add_argument("--model", help="registered model name (default: the training checkpoint's)")
-    parser.add_argument("--checkpoint", help="training checkpoint, weights file or URL, 'official'/'timm' (default)")
+    parser.add_argument(
+        "--checkpoint",
+        help="training checkpoint, hub folder (local-dir:DIR, hf-hub:ORG/NAME), weights file or URL, "
+        "'official'/'timm' (default)",
+    )
     parser.add_argument("--top", type=integer(1), default=5, help="classes shown per image (5)")
     parser.add_argument("--ema", action="store_true", help="use the checkpoint's EMA weights")
     output = parser.add_mutually_exclusive_group()

@@ -3,7 +3,8 @@
 Unreadable files are found as they are first read, in the main process or a loader worker: one status byte per sample
 in shared memory records them, so every worker skips them from then on and the main process reports each one once.
 A training set substitutes the next readable sample (batches keep their size, distributed ranks stay in step); an
-evaluation set returns the label -1 instead, which `evaluate` leaves out of every metric.
+evaluation set returns the label -1 instead, which `evaluate` leaves out of every metric. With no readable file left
+(the folder moved or deleted mid-run) a read raises `DataLost`, one line like every `DataFailed`.
 """
 
 import os
@@ -18,7 +19,15 @@ from torch.utils.data import Dataset
 from mambaout.data.images import UnreadableImage, load_image, scan_images
 from mambaout.errors import UserError, describe
 
-__all__ = ["ImageFiles", "RobustImageFolder", "TransformFailed", "class_folders"]
+__all__ = [
+    "DataFailed",
+    "DataLost",
+    "ImageFiles",
+    "RobustImageFolder",
+    "TransformFailed",
+    "class_folders",
+    "transformed",
+]
 
 _OK, _UNREADABLE = 0, 1
 
@@ -67,7 +76,7 @@ class ImageFiles(Dataset):
             if image is not None:
                 # an evaluation set only borrows the image for the batch's shape; label -1 keeps it out of the metrics
                 return self._transformed(image, i), self.samples[i][1] if self.substitute else -1
-        raise RuntimeError(f"every image in {self.name} became unreadable while in use")
+        raise self._lost()
 
     def new_unreadable(self) -> list[tuple[str, str]]:
         """(path, reason) of the files found unreadable since the last call; call it in the main process.
@@ -94,33 +103,52 @@ class ImageFiles(Dataset):
         if self.status[index] != _OK:
             return None
         try:
-            return load_image(self.samples[index][0])
+            return self._load(index)
         except UnreadableImage:
             self.status[index] = _UNREADABLE
             return None
 
+    def _load(self, index: int) -> Image.Image:
+        """Sample `index`'s image, decoded (a subclass may read it from elsewhere than a file)."""
+        return load_image(self.samples[index][0])
+
+    def _lost(self) -> "DataLost":
+        """The error of a dataset none of whose files reads any more (its folder moved, deleted or unmounted)."""
+        return DataLost(
+            f"every image in {self.name} became unreadable while in use (moved, deleted or unmounted?), e.g. "
+            f"{self.samples[0][0]}: {self._reason(0)}"
+        )
+
     def _reason(self, index: int) -> str:
         try:
-            load_image(self.samples[index][0])
+            self._load(index)
         except UnreadableImage as e:
             return e.reason
         return "failed once, readable now"
 
     def _transformed(self, image: Image.Image, index: int) -> Any:
-        if self.transform is None:
-            return image
-        # a Compose's steps run one by one (as Compose runs them), so that a failure can name its step
-        for step in getattr(self.transform, "transforms", None) or [self.transform]:
-            try:
-                image = step(image)
-            except Exception as e:
-                name = type(step).__name__
-                raise TransformFailed(f"transform {name} failed on {self.samples[index][0]}: {describe(e, 300)}") from e
+        return transformed(self.transform, image, self.samples[index][0])
+
+
+def transformed(transform: Callable | None, image: Image.Image, name: str) -> Any:
+    """`transform(image)` (`image` without one); a failure is a `TransformFailed` naming the sample and the step.
+
+    Raises:
+        TransformFailed: A step of `transform` raised on `image` (sample `name`).
+    """
+    if transform is None:
         return image
+    # a Compose's steps run one by one (as Compose runs them), so that a failure can name its step
+    for step in getattr(transform, "transforms", None) or [transform]:
+        try:
+            image = step(image)
+        except Exception as e:
+            raise TransformFailed(f"transform {type(step).__name__} failed on {name}: {describe(e, 300)}") from e
+    return image
 
 
-class TransformFailed(UserError):
-    """A transform raised on one sample; the message names the file and the transform.
+class DataFailed(UserError):
+    """Data that failed while in use; the message names the file or folder.
 
     Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's traceback text; the
     constructor keeps only the original one-line message then.
@@ -131,6 +159,14 @@ class TransformFailed(UserError):
         if message.startswith("Caught ") and marker in message:
             message = message.rsplit(marker, 1)[1].strip()
         super().__init__(message)
+
+
+class TransformFailed(DataFailed):
+    """A transform raised on one sample; the message names the file and the transform."""
+
+
+class DataLost(DataFailed):
+    """Every file of a dataset became unreadable while in use: its folder was moved, deleted or unmounted."""
 
 
 def class_folders(root: Path) -> list[str]:

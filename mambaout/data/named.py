@@ -1,4 +1,5 @@
-"""Data names: `--data` takes a folder or the name of a dataset the toolkit writes itself, on first use.
+"""Data names: `--data` takes a folder, the name of a dataset the toolkit writes itself on first use, or the name of
+classification data read from elsewhere than a folder.
 
 - `pathfinder:SIZE-LENGTH[:TRAIN[/VAL]]`: Pathfinder classification (`mambaout.data.pathfinder`) as an ImageFolder
   tree, `train/{apart,joined}/` and `val/{apart,joined}/` (label 0 `apart`: the markers sit on different snakes;
@@ -6,6 +7,12 @@
 - `pathfinder-seg:SIZE-LENGTH[:TRAIN[/VAL]]`: Pathfinder-segmentation in ADE20K's layout, `images/{training,
   validation}/*.png`, `annotations/...` with labels 0 background and distractors, 1 a target snake that does not
   join the markers, 2 the one that does, and `classes.txt`; label 0 is a class (no zero-label reduction).
+
+- `wds:LOCATION`: WebDataset shards, local or http(s), with an `_info.json` beside them (`mambaout.data.shards`).
+- `hfds:PATH`: a Hugging Face dataset saved to disk, or parquet files (`mambaout.data.hfds`).
+
+The last two are read by `mambaout train` and `mambaout eval` (`source_splits`, `source_eval_set`) and refused by
+the commands that need a folder.
 
 SIZE is 32, 64 or 128, LENGTH the target snakes' paddles (6, 9 or 14 in LRA). Every size has 20,000 training and
 2,000 validation images unless TRAIN (and VAL) say otherwise. Training image i is `make_sample(SIZE, LENGTH, i)` and
@@ -24,17 +31,24 @@ from typing import Literal
 from PIL import Image
 
 from mambaout.data.digits import write_tree_once
+from mambaout.data.folder import ImageFiles
+from mambaout.data.hfds import eval_hf, hf_splits
 from mambaout.data.pathfinder import PathfinderConfig, make_samples
+from mambaout.data.shards import ShardDataset, eval_shards, shard_splits
 from mambaout.errors import UserError
 
 __all__ = [
     "CLASS_NAMES",
     "SEGMENT_CLASSES",
     "DataName",
+    "SourceName",
     "data_label",
     "named_inputs",
     "parse_data_name",
+    "parse_source_name",
     "resolve_data",
+    "source_eval_set",
+    "source_splits",
 ]
 
 TRAIN_SIZE, VAL_SIZE = 20_000, 2_000
@@ -99,6 +113,73 @@ def parse_data_name(data: str | os.PathLike | None) -> DataName | None:
     return name
 
 
+@dataclass(frozen=True)
+class SourceName:
+    """`wds:LOCATION` or `hfds:PATH`: classification data that is no folder tree.
+
+    Attributes:
+        scheme: "wds" or "hfds".
+        location: What follows the scheme.
+        data: The name as given.
+    """
+
+    scheme: Literal["wds", "hfds"]
+    location: str
+    data: str
+
+    @property
+    def folder(self) -> str:
+        """Where the data is: a shard pattern's folder or URL (where its `_info.json` is), else the location."""
+        head, _, tail = self.location.rstrip("/").rpartition("/")
+        if self.scheme == "wds" and ("{" in tail or tail.endswith(".tar")):
+            return head or "."
+        return self.location
+
+    @property
+    def validation(self) -> str:
+        """The name that evaluation reads the validation split of (a shard pattern names training shards)."""
+        return f"{self.scheme}:{self.folder}"
+
+    @property
+    def local(self) -> Path | None:
+        """The local folder or file it reads (nothing may be written inside), None for a URL."""
+        return None if self.folder.startswith(("http://", "https://")) else Path(self.folder).expanduser()
+
+
+def parse_source_name(data: str | os.PathLike | None) -> SourceName | None:
+    """The `wds:` or `hfds:` name `data` spells, or None."""
+    if not isinstance(data, str) or not data.startswith(("wds:", "hfds:")):
+        return None
+    scheme, location = data.split(":", 1)
+    return SourceName(scheme, location, data)  # type: ignore[arg-type]
+
+
+def source_splits(
+    name: SourceName, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0
+) -> tuple[ShardDataset | ImageFiles, ShardDataset | ImageFiles]:
+    """The training and validation sets of a `wds:`/`hfds:` name, each with `classes`, `root`, `transform`, `status`
+    and `new_unreadable()`; shards are split over `world_size` processes × `workers` loader workers by themselves.
+
+    Raises:
+        UserError: Data that cannot be read (see `mambaout.data.shards.shard_splits`, `mambaout.data.hfds.hf_splits`).
+    """
+    if name.scheme == "wds":
+        return shard_splits(name.location, name.data, seed, rank, world_size, workers)
+    return hf_splits(name.location, name.data)
+
+
+def source_eval_set(name: SourceName, rank: int = 0, world_size: int = 1) -> ShardDataset | ImageFiles:
+    """The evaluation set of a `wds:`/`hfds:` name (its val split, or the shards a pattern names), as
+    `source_splits`'s, with `relabel(labels)` to match a model's outputs by class name.
+
+    Raises:
+        UserError: As `source_splits`.
+    """
+    if name.scheme == "wds":
+        return eval_shards(name.location, name.data, rank, world_size)
+    return eval_hf(name.location, name.data)
+
+
 def resolve_data(data: str | os.PathLike | None, kind: Kind, default: Callable[[], Path]) -> Path:
     """The dataset root `--data` names: a data name's tree (written on first use), a folder, or `default()`.
 
@@ -108,10 +189,15 @@ def resolve_data(data: str | os.PathLike | None, kind: Kind, default: Callable[[
         default: Writes (or finds) the embedded default.
 
     Raises:
-        UserError: A bad data name, or one for another task.
+        UserError: A bad data name, one for another task, or a `wds:`/`hfds:` name (no folder: `source_splits`).
     """
     if data is None or data == "":
         return default()
+    if parse_source_name(data) is not None:
+        raise UserError(
+            f"--data {data}: {str(data).split(':', 1)[0]}: data is read by `mambaout train` and `mambaout eval` "
+            "only; this command needs a folder"
+        )
     name = parse_data_name(data)
     return Path(data).expanduser() if name is None else _tree_for(name, str(data), kind)
 
@@ -141,7 +227,12 @@ def named_inputs(paths: list[str], kind: Kind) -> list[str]:
 
 
 def data_label(data: str | os.PathLike) -> str:
-    """A file-name-safe label of `--data` for run folders: `pathfinder-32-14-20000-2000` or the folder's name."""
+    """A file-name-safe label of `--data` for run folders: `pathfinder-32-14-20000-2000`, the folder's name, or
+    `wds-<folder>` / `hfds-<folder>` for the folder (or URL path) the data is in."""
+    source = parse_source_name(data)
+    if source is not None:
+        place = source.local.resolve().name if source.local else source.folder.rstrip("/").rsplit("/", 1)[-1]
+        return f"{source.scheme}-" + re.sub(r"[^\w.-]+", "-", place).strip("-.")
     name = parse_data_name(data)
     return Path(data).expanduser().resolve().name if name is None else name.folder.replace("-v1", "")
 

@@ -1,8 +1,9 @@
 """`create_model` and `save_pretrained`: timm's model creation and hub folders, for the registered variants.
 
 `create_model` reads as timm's: resolve the name (`name`, `name.tag`, `hf-hub:ORG/REPO`, `local-dir:DIR`) to a
-variant and its pretrained config, apply `pretrained_cfg_overlay`, build with the creation arguments, load the
-pretrained weights and then `checkpoint_path`, and wrap the network for `features_only`. `save_pretrained` writes
+variant and its pretrained config, apply `pretrained_cfg_overlay`, count the network the creation arguments
+describe (refused when too large, before anything is allocated), build it, load the pretrained weights and then
+`checkpoint_path`, and wrap the network for `features_only`. `save_pretrained` writes
 the hub folder timm's `create_model("local-dir:DIR", pretrained=True)` reads.
 """
 
@@ -19,12 +20,13 @@ import torch
 from timm.layers import set_layer_config
 from torch import nn
 
-from mambaout.errors import UserError
+from mambaout.errors import UserError, describe
+from mambaout.models.capacity import check_model_size
 from mambaout.models.features import features_only as wrap_features
 from mambaout.models.mambaout import MambaOut
 from mambaout.models.pretrained import load_pretrained
 from mambaout.models.registry import get_spec, split_tag
-from mambaout.weights import load_checkpoint, load_checkpoint_path, read_state_dict
+from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_checkpoint_path, read_state_dict
 from mambaout.weights.hub import read_hub_config, split_source, write_hub_folder
 
 __all__ = ["create_model", "hub_config", "save_pretrained"]
@@ -49,6 +51,8 @@ _TIMM_ARGS = (
 )
 # a features_only extractor has no classifier, so its config drops what describes one (timm does the same)
 _CLASSIFIER_KEYS = ("num_classes", "classifier", "global_pool")
+# what the constructor raises on a bad argument (a hub config's become one line naming the file)
+_CONSTRUCTOR_ERRORS = (TypeError, ValueError, RuntimeError)
 
 
 def _check_timm_args(args: Mapping[str, Any], where: str) -> None:
@@ -66,6 +70,43 @@ def _timm_cfg(pretrained_cfg: Mapping[str, Any] | timm.models.PretrainedCfg) -> 
     if unknown:
         raise UserError(f"pretrained_cfg has keys timm does not know: {', '.join(map(repr, unknown))}")
     return timm.models.PretrainedCfg(**pretrained_cfg).to_dict()
+
+
+def _num_classes(
+    num_classes: int | None,
+    cfg: Mapping[str, Any],
+    checkpoint: Mapping[str, torch.Tensor] | None,
+    checkpoint_path: str | os.PathLike | None,
+) -> int:
+    """The classes to build: `num_classes`, else `checkpoint_path`'s classifier, else the pretrained config's.
+
+    A `checkpoint_path` is loaded whole, as timm loads it (strictly): its classifier is the model's, so a
+    `num_classes` that contradicts it is refused rather than served with a fresh, random head.
+    """
+    if checkpoint is None:
+        return cfg.get("num_classes", 1000) if num_classes is None else num_classes
+    theirs = checkpoint_num_classes(checkpoint)
+    if num_classes is not None and num_classes != theirs:
+        fresh = f", or pass it as pretrained= to fine-tune a fresh {num_classes}-class head" if theirs else ""
+        raise UserError(
+            f"checkpoint_path {os.fspath(checkpoint_path)} has a {theirs}-class classifier and num_classes is "
+            f"{num_classes}: drop num_classes to take the checkpoint's{fresh}"
+        )
+    return theirs
+
+
+def _check_declared_classes(
+    weights: Mapping[str, torch.Tensor], name: str, declared: int, classes: int, where: str
+) -> None:
+    """Refuse weights whose classifier contradicts the `num_classes` their config declares, when the model takes
+    their classifier (`classes` is the declared count), as timm's strict loading refuses them; another `classes`
+    asks for a fresh head, and theirs is dropped."""
+    theirs = checkpoint_num_classes(weights)
+    if classes == declared != theirs:
+        raise UserError(
+            f"{where}: num_classes {declared} does not match the {theirs}-class classifier of {name}: fix the "
+            f"config, or pass num_classes={theirs} (another count fine-tunes a fresh head)"
+        )
 
 
 def create_model(
@@ -95,13 +136,15 @@ def create_model(
         pretrained: False; True for the config's weights (the tag's first published source, a hub folder's own
             weights, or a source set in `pretrained_cfg_overlay`); a source name ("official", "timm"); or a
             checkpoint path, URL or hub folder in any layout `load_checkpoint` reads.
-        num_classes: Classifier outputs (0: pooled features); default the pretrained config's. When it differs from
-            the checkpoint's, the checkpoint's classifier is dropped with a warning.
+        num_classes: Classifier outputs (0: pooled features); default `checkpoint_path`'s classifier, else the
+            pretrained config's. When it differs from the config's, the pretrained weights' classifier is dropped with
+            a warning (a fresh head to fine-tune); when it differs from `checkpoint_path`'s, it is refused.
         sha256: Expected SHA-256 of the downloaded or given file.
         pretrained_cfg: A tag name, or a whole pretrained config (dict) used instead of the tag's.
         pretrained_cfg_overlay: Keys replacing the config's, e.g. `dict(file="weights.pth")` to load other weights
             with `pretrained=True`, or other `input_size`, `mean`, `std`.
-        checkpoint_path: Weights loaded after the pretrained ones (its EMA weights when it has them, as timm does).
+        checkpoint_path: Weights loaded after the pretrained ones (its EMA weights when it has them, as timm does),
+            whole: the model takes its classifier, so a run's checkpoint (`mambaout train`) gives the run's classes.
         cache_dir: huggingface_hub's cache folder for `hf-hub:` names and sources; default its own.
         features_only: Return a feature extractor (see `mambaout.models.features`) instead of the classifier.
         out_indices: The extractor's stages (0-3, negative from the end, or an int n for the last n).
@@ -120,7 +163,10 @@ def create_model(
         expected input, or the feature extractor.
 
     Raises:
-        UserError: Unknown name or tag, unreadable hub folder or checkpoint, or weights that do not fit.
+        UserError: Unknown name or tag; unreadable hub folder or checkpoint; a hub config with a bad field or
+            arguments the constructor refuses; a network past `capacity.MAX_PARAMETERS` parameters or the memory
+            free where it is built (checked before anything is allocated); weights that do not fit, or whose
+            classifier contradicts their config's or the given `num_classes`.
     """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     hub, location = split_source(model_name)
@@ -133,21 +179,31 @@ def create_model(
         _check_timm_args(hub_args, model_name)
         kwargs = {**hub_args, **kwargs}
         explicit = {"file": f"{hub}:{location}"}  # the folder's own weights
+        where = str(config["path"])
     else:
         spec = get_spec(model_name)
         tag_cfg = spec.tag_cfg(pretrained_cfg if isinstance(pretrained_cfg, str) else split_tag(model_name)[1])
         given = pretrained_cfg is not None and not isinstance(pretrained_cfg, str)
         cfg = _timm_cfg(pretrained_cfg) if given else tag_cfg.timm_dict(spec.name)
         explicit = cfg if given else {}
+        where = model_name
     overlay = dict(pretrained_cfg_overlay or {})
     cfg = {**cfg, **overlay, "architecture": spec.name}
     sources = {k: v for k, v in {**explicit, **overlay}.items() if k in _SOURCE_KEYS and v}  # timm: '' is none
-    classes = cfg.get("num_classes", 1000) if num_classes is None else num_classes
+    checkpoint = read_checkpoint_path(checkpoint_path, cache_dir) if checkpoint_path else None
+    classes = _num_classes(num_classes, cfg, checkpoint, checkpoint_path)
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # where to build, not what
+    args = {"num_classes": classes, "in_chans": cfg.get("input_size", (3,))[0], **kwargs}
+    try:
+        check_model_size(spec.name, spec.arch, args, where, torch.device(device or torch.get_default_device()))
+    except _CONSTRUCTOR_ERRORS as e:
+        if not hub:
+            raise  # the constructor's own error, as from timm's create_model
+        raise UserError(f"{where}: cannot build {spec.name} from its model_args: {describe(e)}") from None
     placement = torch.device(device) if device is not None else contextlib.nullcontext()
     with placement, set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
-        model = spec.build(num_classes=classes, **{"in_chans": cfg.get("input_size", (3,))[0], **kwargs})
+        model = spec.build(**args)
     if dtype is not None:
         model.to(dtype)
     model.pretrained_cfg = model.default_cfg = {**cfg, "num_classes": classes}
@@ -155,16 +211,17 @@ def create_model(
 
     if pretrained is True and sources:
         key = next(k for k in _SOURCE_KEYS if k in sources)
-        where = sources[key]
         if key == "state_dict":
-            load_checkpoint(model, where, name="pretrained_cfg['state_dict']")
+            load_checkpoint(model, sources[key], name="pretrained_cfg['state_dict']")
         else:
-            where = f"hf-hub:{where}" if key == "hf_hub_id" else os.fspath(where)
-            load_checkpoint(model, read_state_dict(where, sha256=sha256, cache_dir=cache_dir), name=where)
+            name = f"hf-hub:{sources[key]}" if key == "hf_hub_id" else os.fspath(sources[key])
+            weights = our_layout(read_state_dict(name, sha256=sha256, cache_dir=cache_dir), name)
+            _check_declared_classes(weights, name, cfg.get("num_classes", 1000), classes, where)
+            load_checkpoint(model, weights, name=name)
     elif pretrained:
         load_pretrained(model, spec, pretrained, sha256=sha256, cfg=tag_cfg, cache_dir=cache_dir)
-    if checkpoint_path:
-        load_checkpoint_path(model, checkpoint_path, cache_dir=cache_dir)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint, name=os.fspath(checkpoint_path))
     if not features_only:
         return model
     extractor = wrap_features(model, out_indices, feature_cls, **(feature_cfg or {}))
@@ -221,7 +278,10 @@ def hub_config(model: MambaOut) -> dict[str, Any]:
         "num_classes": model.num_classes,
         "num_features": model.num_features,
         **({"global_pool": model.head.pool_type} if model.head.pool_type else {}),
-        "model_args": args,
+        # timm's save_for_hf writes the class names at the top too, where transformers' timm wrapper reads them
+        **({"label_names": pretrained_cfg["label_names"]} if "label_names" in pretrained_cfg else {}),
+        # the classes once, at the top: transformers' timm wrapper passes `num_classes` beside `model_args`
+        "model_args": {k: v for k, v in args.items() if k != "num_classes"},
         "pretrained_cfg": pretrained_cfg,
     }
 

@@ -27,6 +27,7 @@ import yaml
 from timm.optim import list_optimizers
 
 from mambaout.errors import UserError, one_line
+from mambaout.train.tracking import TRACKERS
 
 __all__ = [
     "CONFIG_DIR",
@@ -39,6 +40,7 @@ __all__ = [
     "config_overrides",
     "flag",
     "load_config_file",
+    "means_none",
     "setting",
 ]
 
@@ -72,7 +74,9 @@ class RunConfig:
     output: str | None = setting(None, "run directory; default runs/<model>-<data>-<time>")
     # schedule
     epochs: int = setting(300, "training epochs")
-    iters: int | None = setting(None, "optimizer steps to train instead of --epochs (the last epoch stops part-way)")
+    iters: int | None = setting(
+        None, "optimizer steps to train instead of --epochs (the last epoch stops part-way); --epochs alone clears it"
+    )
     warmup_epochs: float = setting(
         20, "linear warmup epochs from --warmup-lr (a shorter --epochs keeps the recipe's share: 20 of 300)"
     )
@@ -118,7 +122,12 @@ class RunConfig:
     # records
     eval_interval: int = setting(1, "evaluate every N epochs (and always after the last)")
     save_interval: int = setting(0, "also save last.pth every N optimizer steps within an epoch (0: at epoch ends)")
-    log_interval: int = setting(50, "optimizer steps between progress lines when not on a terminal")
+    log_interval: int = setting(
+        50, "optimizer steps between progress lines when not on a terminal, and between --log's train/loss points"
+    )
+    log: tuple[str, ...] = setting(
+        (), f"experiment trackers to send the run's records to: {', '.join(TRACKERS)} (none: no tracking)"
+    )
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -173,6 +182,9 @@ class RunConfig:
         check_setting(self.seed < 2**32 - 1024, "seed", f"must be below {2**32 - 1024} (numpy's seed range)", self.seed)
         check_choice(self.amp, "amp", AMP_MODES)
         check_choice(self.sched, "sched", SCHEDULES)
+        for tracker in self.log:
+            check_choice(tracker, "log", TRACKERS)
+        check_setting(len(set(self.log)) == len(self.log), "log", "names a tracker twice", " ".join(self.log))
         check_setting(
             self.opt.lower() in list_optimizers(), "opt", "must be a timm optimizer name, e.g. adamw, sgd", self.opt
         )
@@ -204,7 +216,9 @@ class TrainConfig(RunConfig):
 
     num_classes: int | None = setting(None, "classifier outputs; default the number of class folders")
     data: str | None = setting(
-        None, "ImageFolder root with train/ and val/, or pathfinder:SIZE-LENGTH[:N[/M]]; default the bundled digits"
+        None,
+        "ImageFolder root with train/ and val/, pathfinder:SIZE-LENGTH[:N[/M]], WebDataset shards "
+        "wds:FOLDER|URL|PATTERN or a Hugging Face dataset hfds:PATH; default the bundled digits",
     )
     base_lr: float = setting(1e-3, "learning rate per 1024 images of global batch (lr = base_lr * global_batch / 1024)")
     drop_path: float = setting(
@@ -331,11 +345,16 @@ def check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     check_setting(value in choices, name, f"must be one of {', '.join(choices)}", repr(value))
 
 
+def means_none(value: Any) -> bool:
+    """Whether a setting's value (from YAML, a flag's text or Python) is None: `none`, `null` or empty text."""
+    return value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", ""))
+
+
 def _coerce(name: str, hint: Any, value: Any) -> Any:
     """`value` (from YAML, a flag's text or Python) as type `hint`, or a `UserError` naming the flag."""
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        if means_none(value):
             return None
         (hint,) = (a for a in args if a is not type(None))
         args = typing.get_args(hint)
@@ -358,7 +377,9 @@ def _coerce(name: str, hint: Any, value: Any) -> Any:
             return str(value)
         if typing.get_origin(hint) is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            if len(args) == 2 and args[1] is Ellipsis:  # any number of values of one type
+            if len(args) == 2 and args[1] is Ellipsis:  # any number of values of one type; `none` for no values
+                if len(items) == 1 and means_none(items[0]):
+                    return ()
                 return tuple(_coerce(name, args[0], v) for v in items if not isinstance(v, str) or v.strip())
             if len(items) != len(args):
                 raise ValueError
@@ -447,6 +468,11 @@ def build_config(
     return cls(**merged)
 
 
+# a second spelling of a flag: torchrun's parser takes `--log` anywhere on its command line as an abbreviation of its
+# own `--log-dir` (argparse's prefix matching) and stops, so a distributed run names its trackers with `--track`
+_ALIASES = {"log": ("--track",)}
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] = TrainConfig) -> None:
     """One flag per config field, defaulting to 'not given' so that only explicit flags override the recipe."""
     hints = typing.get_type_hints(cls)
@@ -465,7 +491,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type[RunConfig] =
         args = typing.get_args(hint)
         nargs = ("+" if args[-1] is Ellipsis else len(args)) if typing.get_origin(hint) is tuple else None
         metavar = f.name.upper() if nargs is None else "V" if nargs == "+" else tuple(["V"] * nargs)
-        group.add_argument(flag(f.name), nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
+        names = (flag(f.name), *_ALIASES.get(f.name, ()))
+        group.add_argument(*names, dest=f.name, nargs=nargs, default=argparse.SUPPRESS, metavar=metavar, help=help_text)
 
 
 def config_overrides(args: argparse.Namespace, cls: type[RunConfig] = TrainConfig) -> dict[str, Any]:

@@ -148,7 +148,7 @@ def train_one_epoch(
     progress: EpochProgress,
     bar: Progress,
     should_stop: Callable[[], bool],
-    after_update: Callable[[], None] | None = None,
+    after_update: Callable[[float], None] | None = None,
 ) -> bool:
     """Train until the epoch's `num_updates` optimizer steps are done or a stop is requested.
 
@@ -160,7 +160,8 @@ def train_one_epoch(
         progress: The epoch's tally so far; updated in place.
         bar: Progress display.
         should_stop: Asked after every optimizer step (agreed over ranks by the caller).
-        after_update: Called after every optimizer step (e.g. a periodic checkpoint).
+        after_update: Called after every optimizer step with the step's mean loss over this process's samples (a
+            periodic checkpoint, experiment tracking).
 
     Returns:
         True when stopped early by `should_stop`.
@@ -174,6 +175,7 @@ def train_one_epoch(
     start, samples_before = time.perf_counter(), progress.samples
     with parts.forward_backward.epoch_context(parts.module):
         while progress.updates < num_updates:
+            step_loss_sum, step_samples = 0.0, 0
             for micro in range(parts.accum_steps):
                 loss_sum, samples = parts.forward_backward(parts, next(batches), micro == parts.accum_steps - 1)
                 if not math.isfinite(loss_sum):  # checked before the optimizer step: nothing changed or was saved
@@ -182,6 +184,8 @@ def train_one_epoch(
                         f"{num_updates} (run step {parts.step + 1}): try a lower --lr, --clip-grad or --amp none; "
                         "stopped before the update, without saving"
                     )
+                step_loss_sum += loss_sum
+                step_samples += samples
                 progress.loss_sum += loss_sum
                 progress.samples += samples
             _optimizer_step(parts)
@@ -190,7 +194,7 @@ def train_one_epoch(
             images_per_sec = (progress.samples - samples_before) * env.world_size / max(elapsed, 1e-9)
             bar.update(progress.loss, current_lr(optimizer), images_per_sec)
             if after_update is not None:
-                after_update()
+                after_update(step_loss_sum / step_samples)
             if should_stop():
                 progress.seconds += time.perf_counter() - start
                 return True

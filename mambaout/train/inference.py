@@ -1,7 +1,12 @@
 """Evaluation and prediction with a trained model: from any checkpoint to metrics or top-k class names.
 
-A `mambaout train` checkpoint brings its model name, class names and preprocessing; other weights (published,
-official, timm, a plain state dict) need `--model` and use the model's ImageNet preprocessing and class names.
+Evaluation reads an ImageFolder tree, or WebDataset shards / a Hugging Face dataset (`wds:`/`hfds:` names,
+`mambaout.data.named.source_eval_set`) with their classes matched to the model's outputs the same way.
+
+A `mambaout train` checkpoint brings its model name, class names and preprocessing, and so does a hub folder
+(`local-dir:DIR`, `hf-hub:ORG/REPO`: its `pretrained_cfg`, e.g. a run shared by `mambaout export --format hub`);
+other weights (published, official, timm, a plain state dict) need `--model` and use the model's ImageNet
+preprocessing and class names.
 """
 
 import os
@@ -12,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from mambaout.data import (
     ImageFiles,
@@ -21,7 +26,9 @@ from mambaout.data import (
     digits_tree,
     list_images,
     named_inputs,
+    parse_source_name,
     resolve_data,
+    source_eval_set,
 )
 from mambaout.data.folder import class_folders
 from mambaout.data.labels import IMAGENET_CLASSES, imagenet_class_names, imagenet_synsets
@@ -34,6 +41,7 @@ from mambaout.train.distributed import DistEnv
 from mambaout.train.engine import evaluate, predict
 from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, unwrap_state_dict
 from mambaout.weights.download import is_url
+from mambaout.weights.hub import split_source
 from mambaout.weights.io import read_file
 
 __all__ = [
@@ -42,6 +50,7 @@ __all__ = [
     "find_images",
     "load_classifier",
     "match_class_folders",
+    "match_class_names",
     "predict_files",
     "resolve_eval_folder",
 ]
@@ -58,7 +67,8 @@ class Classifier:
         folder_classes: Folder name per output, to label an ImageFolder tree (None: sorted folders).
         data: timm data config (input_size, interpolation, crop_pct, mean, std).
         source: Where the weights came from, for records.
-        val_data: The validation split of the run that trained it, when known.
+        val_data: The validation split of the run that trained it (a folder, or the run's `wds:`/`hfds:` data,
+            whose validation split evaluation reads), when known.
     """
 
     model: nn.Module
@@ -67,7 +77,7 @@ class Classifier:
     folder_classes: list[str] | None
     data: dict[str, Any]
     source: str
-    val_data: Path | None = None
+    val_data: Path | str | None = None
 
 
 def load_classifier(
@@ -90,7 +100,8 @@ def load_classifier(
         crop_pct: Center-crop fraction instead of the checkpoint's / model's.
 
     Raises:
-        UserError: Unreadable or unfitting checkpoint, unknown model, or `model_name` missing when needed.
+        UserError: Unreadable or unfitting checkpoint, unknown model, a model without a classifier, or `model_name`
+            missing when needed.
     """
     local = checkpoint is not None and not is_url(checkpoint) and Path(checkpoint).expanduser().exists()
     loaded = read_file(Path(checkpoint).expanduser()) if local else None
@@ -115,8 +126,27 @@ def load_classifier(
             saved.get("mean"),
             saved.get("std"),
         )
-        root = resolve_data(saved.get("data"), "classification", digits_tree)
-        return Classifier(model.to(device).eval(), model_name, names, names, data, str(checkpoint), root / "val")
+        trained_on = parse_source_name(saved.get("data"))  # wds:/hfds: data, whose validation split eval reads
+        if trained_on is None:
+            val = resolve_data(saved.get("data"), "classification", digits_tree) / "val"
+        else:
+            val = trained_on.validation
+        return Classifier(model.to(device).eval(), model_name, names, names, data, str(checkpoint), val)
+    if checkpoint is not None and split_source(checkpoint)[0] is not None:  # a hub folder: its config says it all
+        model = create_model(checkpoint, pretrained=True)
+        name = model.pretrained_cfg["architecture"]
+        if model_name and model_name != name:
+            raise UserError(f"{checkpoint} holds a {name}, not a {model_name}: drop --model")
+        if not model.num_classes:
+            raise UserError(f"{checkpoint} has no classifier (num_classes 0): use a classification model")
+        names = model.pretrained_cfg.get("label_names")
+        offset = model.pretrained_cfg.get("label_offset") or 0
+        if names is None or offset:
+            names, folders = _default_names(model.num_classes)
+        else:
+            names, folders = list(names), list(names)
+        data = data_config(model, input_size, crop_pct)
+        return Classifier(model.to(device).eval(), name, names, folders, data, checkpoint)
     if not model_name:
         raise UserError(
             f"--model is needed for {checkpoint or 'published weights'} (not a `mambaout train` checkpoint)"
@@ -128,11 +158,19 @@ def load_classifier(
     else:
         model = create_model(model_name, pretrained=checkpoint or True)
     classes = model.num_classes
-    imagenet = classes == IMAGENET_CLASSES
-    names = list(imagenet_class_names()) if imagenet else [f"class_{i}" for i in range(classes)]
-    folders = list(imagenet_synsets()) if imagenet else None
+    if not classes:  # a feature extractor's outputs are features, not class scores
+        raise UserError(f"{checkpoint or model_name} has no classifier (num_classes 0): use a classification model")
+    names, folders = _default_names(classes)
     data = data_config(model, input_size, crop_pct)
     return Classifier(model.to(device).eval(), model_name, names, folders, data, checkpoint or "published")
+
+
+def _default_names(classes: int) -> tuple[list[str], list[str] | None]:
+    """Display names and folder names of a model's outputs when nothing names them: ImageNet's for 1000, else
+    `class_<i>` (folders then matched in sorted order)."""
+    if classes == IMAGENET_CLASSES:
+        return list(imagenet_class_names()), list(imagenet_synsets())
+    return [f"class_{i}" for i in range(classes)], None
 
 
 def resolve_eval_folder(root: str | os.PathLike) -> Path:
@@ -158,13 +196,32 @@ def match_class_folders(
         UserError: A folder the model does not know (its name is not a class and `class_map` does not map it), a
             mapping to an unknown class, or matching by position with another number of folders than outputs.
     """
-    folders = class_folders(root)
+    return match_class_names(classifier, class_folders(root), str(root), class_map, by_position)
+
+
+def match_class_names(
+    classifier: Classifier,
+    folders: list[str],
+    where: str,
+    class_map: dict[str, str] | None = None,
+    by_position: bool = False,
+    noun: str = "class folders",
+) -> dict[str, int]:
+    """The output index of each of the data's class names `folders` (in label order), as `match_class_folders`.
+
+    Args:
+        where: The data, for messages.
+        noun: What the names are, for messages ("class folders", "classes").
+
+    Raises:
+        UserError: As `match_class_folders`.
+    """
     names = classifier.folder_classes
     if by_position or names is None:
         if len(folders) != len(classifier.class_names):
             raise UserError(
-                f"{root} has {len(folders)} class folders and the model {len(classifier.class_names)} outputs: "
-                "matching by position needs one folder per output"
+                f"{where} has {len(folders)} {noun} and the model {len(classifier.class_names)} outputs: "
+                "matching by position needs one per output"
             )
         return {folder: i for i, folder in enumerate(folders)}
     index = {name: i for i, name in enumerate(names)}
@@ -176,7 +233,7 @@ def match_class_folders(
     if unknown:
         known = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         raise UserError(
-            f"{root} has class folders the model does not know: {', '.join(unknown[:10])} (its classes: {known}); "
+            f"{where} has {noun} the model does not know: {', '.join(unknown[:10])} (its classes: {known}); "
             "rename them, map them with --class-map FOLDER=CLASS, or pass --by-position to take sorted folders as "
             "the outputs in order"
         )
@@ -194,25 +251,34 @@ def evaluate_folder(
     by_position: bool = False,
     model: nn.Module | None = None,
 ) -> dict[str, Any]:
-    """Top-1/top-5, loss and throughput of `classifier` on an ImageFolder tree (`root/<class>/<images>`).
+    """Top-1/top-5, loss and throughput of `classifier` on an ImageFolder tree (`root/<class>/<images>`), or on
+    the shards or dataset a `wds:`/`hfds:` name gives (its validation split, or the shards a pattern names).
 
-    A dataset root (holding `train/` and `val/`) is evaluated on its `val/`. Folders are matched to outputs by
-    name (`match_class_folders`). `model` runs instead of `classifier.model` when given (its
+    A dataset root (holding `train/` and `val/`) is evaluated on its `val/`. Folders (or classes) are matched to
+    outputs by name (`match_class_folders`). `model` runs instead of `classifier.model` when given (its
     `mambaout.fast.inference_module` twin).
 
     Returns:
-        The metrics of `evaluate` plus `data` (the folder evaluated), `unreadable` (files skipped), `skipped_links`
-        and `seconds`.
+        The metrics of `evaluate` plus `data` (what was evaluated), `unreadable` (files or samples skipped),
+        `skipped_links` and `seconds`.
     """
     check_activation_memory(classifier.model, batch_size, classifier.data["input_size"][-1], env.device)
-    root = resolve_eval_folder(root)
-    # a missing or empty tree is left to RobustImageFolder, which says what it expected
-    labels = match_class_folders(classifier, root, class_map, by_position) if class_folders(root) else None
-    dataset = RobustImageFolder(root, eval_transform(classifier.data), substitute=False, labels=labels)
+    source = parse_source_name(root)
+    if source is not None:
+        dataset: Dataset = source_eval_set(source, env.rank, env.world_size)
+        dataset.relabel(match_class_names(classifier, dataset.classes, source.data, class_map, by_position, "classes"))
+        dataset.transform, links = eval_transform(classifier.data), []
+    else:
+        root = resolve_eval_folder(root)
+        # a missing or empty tree is left to RobustImageFolder, which says what it expected
+        labels = match_class_folders(classifier, root, class_map, by_position) if class_folders(root) else None
+        dataset = RobustImageFolder(root, eval_transform(classifier.data), substitute=False, labels=labels)
+        links = dataset.skipped_links
+    streamed = isinstance(dataset, IterableDataset)  # shards split over the ranks by themselves
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=ShardSampler(dataset, env.world_size, env.rank),
+        sampler=None if streamed else ShardSampler(dataset, env.world_size, env.rank),
         num_workers=workers,
         pin_memory=env.device.type == "cuda",
     )
@@ -223,7 +289,7 @@ def evaluate_folder(
         **metrics,
         "data": str(root),
         "unreadable": [f"{p} ({r})" for p, r in unreadable],
-        "skipped_links": [f"{p} ({r})" for p, r in dataset.skipped_links],
+        "skipped_links": [f"{p} ({r})" for p, r in links],
         "seconds": time.perf_counter() - start,
     }
 

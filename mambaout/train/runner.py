@@ -4,19 +4,24 @@ A `Task` (`mambaout.train.task`: classification in `mambaout.train.trainer`, det
 `mambaout.dense`) supplies its config class, data, model, micro-batch step and validation metric; everything else is
 the same for every task: `mambaout.train.prepare.prepare_run` turns a recipe, flags and `--resume` into a config (and
 the checkpoint to continue from), and `run_training` here runs it, on one process or under `torchrun` with
-DistributedDataParallel. Only rank 0 prints and writes.
+DistributedDataParallel. Only rank 0 prints and writes, holding the run folder's lock (`RunDir.lock`) for the
+run: a second process training into the same folder is refused.
 
 Never losing a run: `last.pth` is replaced atomically after every epoch (and every `save_interval` steps); SIGINT
 and SIGTERM finish the current optimizer step, save a resumable `last.pth` and raise `TrainingInterrupted`; a NaN or
-infinite loss raises `NonFiniteLoss` before anything is written. `--resume auto` picks `last.pth` up: at an epoch
-end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0).
+infinite loss raises `NonFiniteLoss` before anything is written, and data that fails mid-run (a transform, the data
+folder gone) `DataFailed`, each saying where the run can go on from. `--resume auto` picks `last.pth` up: at an epoch
+end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0); streamed
+shards (`mambaout.data.shards`, no sampler) restart the interrupted epoch's shard order for its remaining steps.
 """
 
+import contextlib
 import dataclasses
 import math
 import signal
 import time
 import warnings
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,14 +32,14 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, random_seed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
-from mambaout.data import ResumableSampler, ShardSampler, TransformFailed, data_label
+from mambaout.data import DataFailed, ResumableSampler, ShardSampler, data_label
 from mambaout.errors import UserError, describe
 from mambaout.rundir import RunDir
 from mambaout.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import RunConfig
-from mambaout.train.distributed import init_distributed
+from mambaout.train.distributed import DistEnv, init_distributed
 from mambaout.train.engine import (
     EpochProgress,
     NonFiniteLoss,
@@ -48,6 +53,7 @@ from mambaout.train.optim import create_optimizer
 from mambaout.train.progress import Progress, format_duration
 from mambaout.train.signals import StopSignals, TrainingInterrupted, ignore_sigint
 from mambaout.train.task import Task, TrainResult
+from mambaout.train.tracking import Tracking
 
 __all__ = ["run_training"]
 
@@ -62,21 +68,40 @@ def run_training(task: type[Task], config: RunConfig, checkpoint: dict[str, Any]
             hold a run yet.
 
     Raises:
-        UserError: Bad data, model or settings; NonFiniteLoss for a diverged run.
+        UserError: Bad data, model or settings, or another process training into the same folder; NonFiniteLoss for
+            a diverged run; DataFailed for data that failed mid-run.
         TrainingInterrupted: SIGINT/SIGTERM, after saving.
     """
     env = init_distributed(config.device)
     try:
-        with StopSignals() as signals:
-            return Runner(task(config, env), checkpoint, signals).fit()
+        run = RunDir(env.broadcast(config.output or _default_output(config, task.default_data)))
+        with _held(run, env), StopSignals() as signals:
+            return Runner(task(config, env), run, checkpoint, signals).fit()
     finally:
         env.shutdown()
+
+
+@contextlib.contextmanager
+def _held(run: RunDir, env: DistEnv) -> Iterator[None]:
+    """`run`'s directory locked by rank 0 (the only writer) for the block; every rank stops when another process holds
+    it."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if env.is_main:
+            try:
+                stack.enter_context(run.lock())
+            except UserError as e:
+                refused = str(e)
+        refused = env.broadcast(refused)
+        if refused:
+            raise UserError(refused)
+        yield
 
 
 class Runner:
     """One run's state; `fit` drives the epochs."""
 
-    def __init__(self, task: Task, checkpoint: dict[str, Any] | None, signals: StopSignals):
+    def __init__(self, task: Task, run: RunDir, checkpoint: dict[str, Any] | None, signals: StopSignals):
         self.task, self.env, self.signals = task, task.env, signals
         config, env = task.config, task.env
         if config.threads:
@@ -84,11 +109,12 @@ class Runner:
         random_seed(config.seed, env.rank)
         torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
         torch.backends.cudnn.benchmark = not config.deterministic
-        self.run = RunDir(env.broadcast(config.output or _default_output(config, task.default_data)))
+        self.run = run
         if checkpoint is None and self.run.holds_run():
             raise UserError(
                 f"{self.run.path} already holds a run: continue it with --resume auto, or pick another --output"
             )
+        self.tracking = Tracking(config.log, config.log_interval, (checkpoint or {}).get("tracking"))
         task.build_data(checkpoint)
         if env.is_main:
             task.warn_about_data()
@@ -136,11 +162,13 @@ class Runner:
 
     def _build_optimization(self) -> None:
         config, env, task = self.config, self.env, self.task
-        self.sampler = ResumableSampler(task.train_set, env.world_size, env.rank, seed=config.seed)
-        self.updates_per_epoch = len(self.sampler) // (config.batch_size * config.accum_steps)
+        streamed = isinstance(task.train_set, IterableDataset)  # shards: each rank reads its own, in its own order
+        self.sampler = None if streamed else ResumableSampler(task.train_set, env.world_size, env.rank, config.seed)
+        per_process = task.train_set.samples_per_process if streamed else len(self.sampler)
+        self.updates_per_epoch = per_process // (config.batch_size * config.accum_steps)
         if self.updates_per_epoch == 0:
             raise UserError(
-                f"{task.train_set.root} has {len(self.sampler)} images per process, fewer than one optimizer step "
+                f"{task.train_set.root} has {per_process} images per process, fewer than one optimizer step "
                 f"takes ({config.batch_size} × {config.accum_steps} accumulation steps): lower --batch-size"
             )
         # an iteration-based run (--iters) is whole epochs and a last one cut short
@@ -158,10 +186,11 @@ class Runner:
             generator=self.generator,
             worker_init_fn=ignore_sigint,
         )
+        streamed_val = isinstance(task.val_set, IterableDataset)  # shards split over the ranks by themselves
         self.val_loader = DataLoader(
             task.val_set,
             batch_size=task.val_batch_size(),
-            sampler=ShardSampler(task.val_set, env.world_size, env.rank),
+            sampler=None if streamed_val else ShardSampler(task.val_set, env.world_size, env.rank),
             num_workers=config.workers,
             collate_fn=task.collate_fn,
             pin_memory=use_cuda,
@@ -195,6 +224,21 @@ class Runner:
             accum_steps=config.accum_steps,
             clip_grad=config.clip_grad,
         )
+
+    def _set_epoch(self, epoch: int, progress: EpochProgress) -> None:
+        """Select epoch `epoch`'s samples: the sampler's order past those `progress` says were trained on, or streamed
+        shards' order from its start (a stream cannot skip ahead: a part-done epoch reads its start again)."""
+        config = self.config
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch, start=progress.updates * config.accum_steps * config.batch_size)
+            return
+        self.task.train_set.set_epoch(epoch)
+        if progress.updates and self.env.is_main:
+            print(
+                f"resuming streamed data at the start of epoch {epoch + 1}'s shard order for its remaining "
+                f"{self._updates_in(epoch) - progress.updates} steps",
+                flush=True,
+            )
 
     def _updates_in(self, epoch: int) -> int:
         """Optimizer steps in epoch `epoch` (0-based): all of them, but for an `--iters` run's last one."""
@@ -249,18 +293,24 @@ class Runner:
     # --- the run ---------------------------------------------------------------------------------------------------
 
     def fit(self) -> TrainResult:
+        """Train the remaining epochs; the trackers finish with the run's outcome, also on an error or a stop."""
+        with self.tracking:
+            return self._fit()
+
+    def _fit(self) -> TrainResult:
         config, env, task = self.config, self.env, self.task
         self.start_time = time.perf_counter()
         if env.is_main:
             self.run.create()
             self.run.keep_metrics_until(self.start_epoch)
-            description = self._describe()
+            self.tracking.start(self.run.path, config.to_dict(), self.parts.step)
+            description = "\n".join([self._describe(), *self.tracking.lines])
             self.run.write_config(config.to_dict(), description)
             print(description, flush=True)
         for epoch in range(self.start_epoch, self.epochs):
             progress = self.resumed_progress if epoch == self.start_epoch else EpochProgress()
             updates = self._updates_in(epoch)
-            self.sampler.set_epoch(epoch, start=progress.updates * config.accum_steps * config.batch_size)
+            self._set_epoch(epoch, progress)
             self.generator.manual_seed((config.seed * 1_000_003 + epoch) * 1_009 + env.rank)
             bar = Progress(
                 updates,
@@ -269,7 +319,7 @@ class Runner:
                 enabled=env.is_main,
                 log_interval=config.log_interval,
             )
-            try:
+            with self._saying_where_to_go_on(), contextlib.closing(bar):
                 stopped = train_one_epoch(
                     self.parts,
                     self.train_loader,
@@ -278,19 +328,16 @@ class Runner:
                     progress,
                     bar,
                     should_stop=lambda: env.any(self.signals.received is not None),
-                    after_update=lambda epoch=epoch, progress=progress: self._periodic_save(epoch, progress),
+                    after_update=lambda loss, epoch=epoch, progress=progress: self._after_update(epoch, progress, loss),
                 )
-            except (NonFiniteLoss, TransformFailed) as e:
-                raise type(e)(f"{e}; {self._last_good_state()}") from None
-            finally:
-                bar.close()
             self._report_unreadable(task.train_set)
             if stopped:
                 self._save_last(epoch, progress)
                 where = f"in epoch {epoch + 1} at step {progress.updates}/{updates}"
                 raise TrainingInterrupted(self._received(), self.run.last, where, task.command)
             self.parts.scheduler.step(epoch + 1)
-            self._end_epoch(epoch, progress)
+            with self._saying_where_to_go_on():
+                self._end_epoch(epoch, progress)
             if env.any(self.signals.received is not None):
                 raise TrainingInterrupted(self._received(), self.run.last, f"after epoch {epoch + 1}", task.command)
         if env.is_main and self.start_epoch >= self.epochs:
@@ -299,11 +346,18 @@ class Runner:
             print(f"best {task.metric_label} {self.best:.2f}%: {self.run.best}", flush=True)
         return TrainResult(self.run.path, self.epochs, task.metric, self.best, self.last_metrics)
 
-    def _last_good_state(self) -> str:
-        """Where a run that stopped on an error can go on from: nothing was written for the failing step."""
-        if self.run.last.exists():
-            return f"{self.run.last} holds the last good state: fix the cause, then continue with --resume auto"
-        return "no checkpoint was written yet: fix the cause and start the run again"
+    @contextlib.contextmanager
+    def _saying_where_to_go_on(self) -> Iterator[None]:
+        """A diverged loss or data failing mid-run (a transform, the data folder gone) ends the run in one line that
+        says where it can go on from: nothing was written for the failing step."""
+        try:
+            yield
+        except (NonFiniteLoss, DataFailed) as e:
+            if self.run.last.exists():
+                where = f"{self.run.last} holds the last good state: fix the cause, then continue with --resume auto"
+            else:
+                where = "no checkpoint was written yet: fix the cause and start the run again"
+            raise type(e)(f"{e}; {where}") from None
 
     def _received(self) -> int:
         return self.signals.received or signal.SIGTERM  # another rank got it: torchrun signals them all
@@ -334,6 +388,7 @@ class Runner:
         if env.is_main:
             # metrics first: a crash before last.pth is written re-runs the epoch, and resuming drops its line
             self.run.append_metrics(record)
+            self.tracking.log_epoch(record)
             if improved:
                 save_checkpoint(self._weights(epoch + 1), self.run.best)
         self._save_last(epoch + 1, None)
@@ -349,7 +404,9 @@ class Runner:
         parts.append(f"lr {record['lr']:.2e} {rate} {format_duration(record['elapsed_s'])}")
         return "  ".join(parts)
 
-    def _periodic_save(self, epoch: int, progress: EpochProgress) -> None:
+    def _after_update(self, epoch: int, progress: EpochProgress, loss: float) -> None:
+        """After each optimizer step: its loss to the trackers, and `last.pth` every `save_interval` steps."""
+        self.tracking.log_step(self.parts.step, loss, current_lr(self.parts.optimizer))
         interval = self.config.save_interval
         if interval and self.parts.step % interval == 0 and progress.updates < self._updates_in(epoch):
             self._save_last(epoch, progress)
@@ -387,6 +444,7 @@ class Runner:
             "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
             "rng": states,
             "epoch_progress": dataclasses.asdict(totals) if totals is not None else None,
+            "tracking": self.tracking.ids,
         }
         save_checkpoint(checkpoint, self.run.last)
 

@@ -60,7 +60,7 @@ class Task(abc.ABC):
         default_data: The embedded dataset's short name (run folders are `runs/<model>-<data>-<time>`).
         train_set, val_set: Datasets with `root`, and `status` / `new_unreadable()` as `mambaout.data.ImageFiles`.
         class_names: Name per class, in label order.
-        data_root: The dataset's folder, for messages.
+        data_root: The dataset's folder (or its `wds:`/`hfds:` name), for messages.
     """
 
     name: ClassVar[str]
@@ -76,7 +76,7 @@ class Task(abc.ABC):
     train_set: Dataset
     val_set: Dataset
     class_names: list[str]
-    data_root: Path
+    data_root: Path | str
 
     def __init__(self, config: Any, env: DistEnv):
         self.config, self.env = config, env

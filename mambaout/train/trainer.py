@@ -1,6 +1,7 @@
 """Classification training: the task the one engine (`mambaout.train.runner`) runs for `mambaout train`.
 
-`Classification` supplies an ImageFolder tree (the bundled digits without --data), a MambaOut classifier, the
+`Classification` supplies an ImageFolder tree (the bundled digits without --data; or WebDataset shards or a Hugging
+Face dataset, `wds:`/`hfds:`, `mambaout.data.named.source_splits`), a MambaOut classifier, the
 paper's recipe from timm's parts (RandAugment, mixup/cutmix, label smoothing, random erasing) and top-1/top-5;
 `prepare_run` and `train` are the engine's (`mambaout.train.prepare`, `mambaout.train.runner`), for this task. See
 `mambaout.train.runner` for what a run guarantees (atomic checkpoints, exact resume, SIGTERM and NaN handling).
@@ -15,7 +16,14 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 from torch.utils.data import DataLoader
 
-from mambaout.data import RobustImageFolder, digits_tree, parse_data_name, resolve_data
+from mambaout.data import (
+    RobustImageFolder,
+    digits_tree,
+    parse_data_name,
+    parse_source_name,
+    resolve_data,
+    source_splits,
+)
 from mambaout.data.transforms import data_config, eval_transform, train_transform
 from mambaout.errors import UserError
 from mambaout.fast.train_step import auto_train_micro_batch
@@ -76,24 +84,30 @@ class Classification(Task):
         return default_recipe(model, data)
 
     def build_data(self, checkpoint: dict[str, Any] | None) -> None:
-        config = self.config
-        root = resolve_data(config.data, "classification", digits_tree)
-        for split in ("train", "val"):
-            if not (root / split).is_dir():
-                raise UserError(f"--data {root}: no {split}/ folder (expected {root}/train/<class>/<images> and val/)")
-        self.train_set = RobustImageFolder(root / "train", substitute=True)
-        self.val_set = RobustImageFolder(root / "val", classes=self.train_set.classes, substitute=False)
-        self.class_names = self.train_set.classes
+        config, env = self.config, self.env
+        source = parse_source_name(config.data)
+        if source is not None:
+            self.train_set, self.val_set = source_splits(source, config.seed, env.rank, env.world_size, config.workers)
+            self.data_root, found = source.data, f"classes of {source.data}"
+        else:
+            root = resolve_data(config.data, "classification", digits_tree)
+            for split in ("train", "val"):
+                if not (root / split).is_dir():
+                    raise UserError(
+                        f"--data {root}: no {split}/ folder (expected {root}/train/<class>/<images> and val/)"
+                    )
+            self.train_set = RobustImageFolder(root / "train", substitute=True)
+            self.val_set = RobustImageFolder(root / "val", classes=self.train_set.classes, substitute=False)
+            self.data_root, found = root, f"class folders in {root}/train"
+        self.class_names = list(self.train_set.classes)
         if checkpoint is not None and checkpoint.get("class_names") != self.class_names:
-            raise UserError(f"the classes in {root}/train differ from those of the run being resumed")
+            raise UserError(f"the {found} differ from the classes of the run being resumed")
         if config.num_classes is not None and config.num_classes != len(self.class_names):
-            raise UserError(
-                f"--num-classes {config.num_classes} does not match the {len(self.class_names)} class folders "
-                f"in {root}/train"
-            )
-        self.data_root = root
+            raise UserError(f"--num-classes {config.num_classes} does not match the {len(self.class_names)} {found}")
 
     def warn_about_data(self) -> None:
+        if not isinstance(self.train_set, RobustImageFolder):  # shards and datasets skip no files when listed
+            return
         for dataset in (self.train_set, self.val_set):
             if dataset.ignored_files:
                 warn(f"ignored {len(dataset.ignored_files)} files without an image extension in {dataset.root}")

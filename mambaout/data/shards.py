@@ -1,0 +1,538 @@
+"""WebDataset shards (`--data wds:...`): classification data past one folder, streamed from local files or http(s).
+
+The layout is timm's (and what `mambaout data shards` writes): `.tar` shards whose samples are `<key>.jpg|png|webp`
+with `<key>.cls` (the label as decimal text), and beside them `_info.json`, which declares what a stream cannot tell
+before it is read, the classes and every shard's sample count:
+
+    {"classes": ["cat", "dog"],
+     "splits": {"train": {"num_samples": 5000, "filenames": ["train-000000.tar", ...], "shard_lengths": [1000, ...]},
+                "val": {"num_samples": 500, "filenames": ["val-000000.tar"], "shard_lengths": [500]}}}
+
+(`"num_classes": K` instead of `classes` names the classes `0`..`K-1`; `num_samples` is optional.) `wds:LOCATION`
+is either the folder or http(s) URL that holds `_info.json` (training reads its `train` split and validates on `val`,
+evaluation reads `val`), or a brace pattern of shards listed in the `_info.json` beside them, such as
+`wds:/data/in1k/train-{000000..001023}.tar` or `wds:https://host/in1k/train-{000000..001023}.tar` (training reads
+those and validates on `val`; evaluation reads those). Shards are read with webdataset's tar iterators from a plain
+file or a `urllib` stream: nothing but Python is needed for http(s).
+
+Training (`training=True`): epoch e deals the shards, in an order drawn from the seed and e (the same on every rank),
+round-robin to the world_size × workers readers, rank by rank; each reader reads its shards in turn, shuffles their
+samples in a buffer of `SHUFFLE_BUFFER`, decodes and transforms them. An epoch is the declared size split over the
+processes (`samples_per_process`). When the shard count is a multiple of the readers and the shards are equal, every
+sample is read exactly once per epoch across ranks; otherwise a reader that runs short reads its shards again (some
+samples repeat) and one with more than its share leaves its last ones unread that epoch. Fewer shards than readers is
+refused. The order depends on the seed, the epoch, the number of processes and of workers only: a run resumed at an
+epoch boundary reads what the uninterrupted run would have read; one stopped mid-epoch restarts that epoch's order
+(`mambaout.train.runner`).
+
+Bad samples (an image that does not decode, no image or no `cls`, a label that is no class) are skipped and counted
+as the folder datasets do them (`status`, `new_unreadable()`); a shard that cannot be opened or read to its end is a
+`DataFailed` naming it. Evaluation (`training=False`) reads each shard once, in order, split over ranks and workers.
+"""
+
+import bisect
+import http.client
+import importlib
+import io
+import itertools
+import json
+import math
+import random
+import tarfile
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, BinaryIO
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mambaout.data.folder import DataFailed, RobustImageFolder, transformed
+from mambaout.data.images import UnreadableImage, decode_image, load_image
+from mambaout.errors import UserError, one_line
+from mambaout.outputs import check_output
+from mambaout.weights.io import atomic_write
+
+__all__ = [
+    "INFO",
+    "SHUFFLE_BUFFER",
+    "ShardDataset",
+    "ShardsWritten",
+    "eval_shards",
+    "shard_splits",
+    "write_shards",
+]
+
+INFO = "_info.json"
+SHUFFLE_BUFFER = 1000  # samples each reader shuffles among (raw bytes: about 100 MB of ImageNet JPEGs)
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+LABEL_KEY = "cls"
+VAL_SPLITS = ("val", "validation")
+_TIMEOUT_S = 60  # an http(s) read that stalls this long fails
+_OK, _NO_IMAGE, _BAD_IMAGE, _NO_LABEL, _BAD_LABEL = range(5)
+_REASONS = {
+    _NO_IMAGE: "no jpg, png or webp image",
+    _BAD_IMAGE: "the image does not decode",
+    _NO_LABEL: "no cls label",
+    _BAD_LABEL: "the cls label is not a class",
+}
+_READ_ERRORS = (OSError, EOFError, ValueError, tarfile.TarError, http.client.HTTPException)  # URLError is an OSError
+
+
+def _require(module: str) -> ModuleType:
+    """An optional package of the `data` extra (webdataset, and braceexpand that comes with it)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"wds: data needs the {module} package: pip install 'mambaout[data]'") from None
+
+
+def _is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if _is_url(base) else str(Path(base).expanduser() / name)
+
+
+def _split_path(shard: str) -> tuple[str, str]:
+    """(folder or URL, file name) of a shard."""
+    if _is_url(shard):
+        base, _, name = shard.rpartition("/")
+        return base, name
+    path = Path(shard).expanduser()
+    return str(path.parent), path.name
+
+
+def _open(location: str) -> BinaryIO:
+    """A local file or an http(s) response, to read from the start."""
+    if _is_url(location):
+        return urllib.request.urlopen(location, timeout=_TIMEOUT_S)
+    return open(Path(location).expanduser(), "rb")
+
+
+def _error_text(error: BaseException) -> str:
+    # webdataset appends its stream and URL to an exception's args: the first one is the message
+    first = error.args[0] if error.args else error
+    return one_line(f"{type(error).__name__}: {first}", 200)
+
+
+class ShardDataset(IterableDataset):
+    """Shards read as a stream of (transformed image, label) pairs, split over ranks and loader workers.
+
+    Args:
+        shards: Local paths or http(s) URLs of the shards.
+        lengths: Samples each shard declares (`_info.json`); reading stops there.
+        classes: Class names in label order.
+        name: The data as given, for messages.
+        training: Shuffled, endless reading for training (see the module); else one ordered pass for evaluation.
+        seed: Draws the shard order of each epoch and the readers' buffers.
+        rank, world_size: This process's place in a distributed run.
+        shuffle_buffer: Samples each reader shuffles among.
+
+    Attributes:
+        transform: Applied to each RGB PIL image (set before iterating).
+        status: One byte per declared sample in shared memory, non-zero once found bad.
+
+    Raises:
+        UserError: A local shard is missing, or the first shard holds no usable sample.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        lengths: Sequence[int],
+        classes: Sequence[str],
+        name: str,
+        training: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
+    ):
+        self.urls, self.lengths, self.classes = list(shards), list(lengths), list(classes)
+        self.root, self.training, self.seed = name, training, seed
+        self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
+        self.transform = None
+        self.epoch = 0
+        self.starts = [0, *itertools.accumulate(self.lengths)][:-1]
+        self.status = torch.zeros(sum(self.lengths), dtype=torch.uint8).share_memory_()
+        self._reported = torch.zeros(sum(self.lengths), dtype=torch.bool)
+        self._outputs = list(range(len(self.classes)))
+        missing = [u for u in self.urls if not _is_url(u) and not Path(u).expanduser().is_file()]
+        if missing:
+            raise UserError(f"--data {name}: {len(missing)} shards are missing, e.g. {missing[0]}")
+        self._require_one_readable()
+
+    def __len__(self) -> int:
+        return len(self.status)
+
+    @property
+    def samples_per_process(self) -> int:
+        """Samples each process trains on per epoch: the declared size split over the processes."""
+        return len(self) // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Read epoch `epoch`'s shard order next (call before each epoch's loader iterator)."""
+        self.epoch = epoch
+
+    def relabel(self, labels: Mapping[str, int]) -> None:
+        """Yield `labels[class name]` instead of the shards' label (a model's outputs matched to classes by name)."""
+        self._outputs = [labels[name] for name in self.classes]
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        worker = get_worker_info()
+        workers, index = (worker.num_workers, worker.id) if worker is not None else (1, 0)
+        readers, reader = self.world_size * workers, self.rank * workers + index
+        if not self.training:
+            yield from self._decoded(self._read(range(reader, len(self.urls), readers)))
+            return
+        epoch_seed = self.seed * 1_000_003 + self.epoch
+        order = random.Random(epoch_seed).sample(range(len(self.urls)), len(self.urls))
+        rng = random.Random(epoch_seed * 1_009 + reader)
+        yield from self._decoded(self._passes(order[reader::readers], rng), endless=True)
+
+    def new_unreadable(self) -> list[tuple[str, str]]:
+        """(sample, reason) of the samples found bad since the last call; call it in the main process.
+
+        A distributed run merges `status` over its ranks first, so rank 0 can report every sample once.
+        """
+        new = ((self.status != _OK) & ~self._reported).nonzero().flatten().tolist()
+        self._reported[new] = True
+        return [(self._where(i), _REASONS[int(self.status[i])]) for i in new]
+
+    def _where(self, index: int) -> str:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        return f"{_split_path(self.urls[shard])[1]} sample {index - self.starts[shard]}"
+
+    def _passes(self, shards: list[int], rng: random.Random) -> Iterator[tuple[int, int, dict]]:
+        """The reader's shards over and over, each pass shuffled in the buffer on its own (so that one pass, the
+        epoch's share when the shards divide evenly, holds every sample once)."""
+        while True:
+            read = 0
+            for sample in _shuffled(self._read(shards), rng, self.shuffle_buffer):
+                read += 1
+                yield sample
+            if not read:
+                names = ", ".join(_split_path(self.urls[i])[1] for i in shards[:3])
+                raise DataFailed(f"shards {names} of {self.root} hold no samples")
+
+    def _read(self, shards: Sequence[int]) -> Iterator[tuple[int, int, dict]]:
+        for shard in shards:
+            yield from self._samples(shard)
+
+    def _samples(self, shard: int) -> Iterator[tuple[int, int, dict]]:
+        """(shard, position, raw sample) of one shard, up to its declared length."""
+        url, iterators = self.urls[shard], _require("webdataset").tariterators
+        try:
+            with _open(url) as stream:
+                files = iterators.tar_file_expander([{"url": url, "stream": stream}])
+                for position, sample in enumerate(iterators.group_by_keys(files)):
+                    if position == self.lengths[shard]:
+                        return
+                    yield shard, position, sample
+        except _READ_ERRORS as e:
+            raise DataFailed(f"shard {url} cannot be read: {_error_text(e)}") from None
+
+    def _decoded(self, samples: Iterator[tuple[int, int, dict]], endless: bool = False) -> Iterator[tuple[Any, int]]:
+        bad_in_a_row = 0
+        for shard, position, sample in samples:
+            item = self._sample(shard, position, sample)
+            if item is not None:
+                bad_in_a_row = 0
+                yield transformed(self.transform, item[0], item[2]), item[1]
+                continue
+            bad_in_a_row += 1
+            if endless and bad_in_a_row > len(self) + self.shuffle_buffer:  # every sample it reads went bad
+                where = self._where(self.starts[shard] + position)
+                raise DataFailed(f"no sample of {self.root} this reader gets is usable any more, e.g. {where}")
+
+    def _sample(self, shard: int, position: int, sample: dict) -> tuple[Image.Image, int, str] | None:
+        """(image, output label, name) of a raw sample, or None for a bad one (recorded in `status`)."""
+        index = self.starts[shard] + position
+        if self.status[index] != _OK:
+            return None
+        name = f"{self.urls[shard]} sample {sample.get('__key__')}"
+        image_key = next((key for key in IMAGE_KEYS if key in sample), None)
+        label = _label(sample.get(LABEL_KEY))
+        if image_key is None:
+            problem = _NO_IMAGE
+        elif label is None or not 0 <= label < len(self.classes):
+            problem = _NO_LABEL if LABEL_KEY not in sample else _BAD_LABEL
+        else:
+            problem = _OK
+        if problem != _OK:
+            self.status[index] = problem
+            return None
+        try:
+            image = decode_image(io.BytesIO(sample[image_key]), name)
+        except UnreadableImage:
+            self.status[index] = _BAD_IMAGE
+            return None
+        return image, self._outputs[label], name
+
+    def _require_one_readable(self) -> None:
+        """Read the first shard until a sample is usable (one sample when the data is fine); none is a `UserError`."""
+        first = next((i for i, n in enumerate(self.lengths) if n), None)
+        if first is None:
+            raise UserError(f"--data {self.root}: its shards declare no samples")
+        for shard, position, sample in self._samples(first):
+            if self._sample(shard, position, sample) is not None:
+                return
+        found = self.new_unreadable()
+        example = f", e.g. {found[0][0]}: {found[0][1]}" if found else " (it holds none)"
+        raise UserError(f"--data {self.root}: no usable sample in {self.urls[first]}{example}")
+
+
+def _label(raw: bytes | None) -> int | None:
+    try:
+        return int(raw.decode("ascii").strip()) if raw is not None else None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _shuffled(items: Iterator[Any], rng: random.Random, size: int) -> Iterator[Any]:
+    """`items` in an order shuffled within a buffer of `size` (webdataset's and timm's streaming shuffle)."""
+    buffer: list[Any] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        k = rng.randrange(size)
+        yield buffer[k]
+        buffer[k] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+# --- `_info.json` and `wds:` names ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Info:
+    """A checked `_info.json`: classes, and each split's shard file names and lengths."""
+
+    where: str
+    classes: list[str]
+    splits: dict[str, tuple[list[str], list[int]]] = field(default_factory=dict)
+
+
+def _read_info(base: str, data: str) -> _Info:
+    where = _join(base, INFO)
+    try:
+        with _open(where) as f:
+            raw = f.read()
+    except _READ_ERRORS as e:
+        raise UserError(
+            f"--data {data}: cannot read {where} ({_error_text(e)}); shards need an {INFO} beside them that "
+            "declares the classes and shard sizes (`mambaout data shards` writes one)"
+        ) from None
+    try:
+        info = json.loads(raw)
+    except ValueError:  # not UTF-8, or not JSON
+        raise UserError(f"--data {data}: {where} is not JSON") from None
+    if not isinstance(info, dict) or not isinstance(info.get("splits"), dict):
+        raise UserError(f"--data {data}: {where} has no 'splits' mapping (see docs/training.md for its form)")
+    checked = _Info(where, _classes(info, where))
+    for split, entry in info["splits"].items():
+        checked.splits[str(split)] = _split_entry(entry, f"{where} split {split!r}")
+    return checked
+
+
+def _classes(info: dict, where: str) -> list[str]:
+    classes, count = info.get("classes"), info.get("num_classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+            raise UserError(f"{where}: 'classes' must be a list of class names")
+        if len(set(classes)) != len(classes):
+            raise UserError(f"{where}: 'classes' names a class twice")
+        return list(classes)
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 1:
+        return [str(i) for i in range(count)]
+    raise UserError(f"{where}: name the classes with 'classes' (a list of names) or 'num_classes' (a count)")
+
+
+def _split_entry(entry: Any, where: str) -> tuple[list[str], list[int]]:
+    names = entry.get("filenames") if isinstance(entry, dict) else None
+    lengths = entry.get("shard_lengths") if isinstance(entry, dict) else None
+    plain = isinstance(names, list) and all(
+        isinstance(n, str) and n.endswith(".tar") and "/" not in n and "\\" not in n for n in names
+    )
+    if not plain:
+        raise UserError(f"{where}: 'filenames' must list the shards' .tar file names (no folders)")
+    counts = isinstance(lengths, list) and all(type(n) is int and n >= 0 for n in lengths)  # bool is no count
+    if not counts or len(lengths) != len(names):
+        raise UserError(f"{where}: 'shard_lengths' must give each shard's sample count, one per file name")
+    declared = entry.get("num_samples", sum(lengths))
+    if declared != sum(lengths):
+        raise UserError(f"{where}: 'num_samples' {declared} is not the sum of 'shard_lengths' ({sum(lengths)})")
+    return names, lengths
+
+
+def _locate(location: str, data: str) -> tuple[str, list[str] | None]:
+    """(the folder or URL holding `_info.json`, the shard file names a pattern gives, or None for a folder)."""
+    if not location:
+        raise UserError(f"--data {data}: name the shards' folder, URL or pattern after wds:")
+    expanded = list(_require("braceexpand").braceexpand(location))
+    if not any(name.endswith(".tar") for name in expanded):
+        if len(expanded) > 1:
+            raise UserError(f"--data {data}: a brace pattern must name .tar shards")
+        return location.rstrip("/") or "/", None
+    if not all(name.endswith(".tar") for name in expanded):
+        raise UserError(f"--data {data}: the pattern names files that are not .tar shards")
+    places = [_split_path(name) for name in expanded]
+    if len({base for base, _ in places}) != 1:
+        raise UserError(f"--data {data}: the shards must sit in one folder, beside their {INFO}")
+    names = [name for _, name in places]
+    if len(set(names)) != len(names):
+        raise UserError(f"--data {data}: the pattern names a shard twice")
+    return places[0][0], names
+
+
+def _shards_of(info: _Info, base: str, names: list[str], data: str) -> tuple[list[str], list[int]]:
+    """URLs and lengths of the shards `names`, all of one split of `info`."""
+    for filenames, lengths in info.splits.values():
+        length_of = dict(zip(filenames, lengths, strict=True))
+        if all(name in length_of for name in names):
+            return [_join(base, n) for n in names], [length_of[n] for n in names]
+    listed = {n for filenames, _ in info.splits.values() for n in filenames}
+    unknown = next((n for n in names if n not in listed), names[0])
+    raise UserError(f"--data {data}: {unknown} is not listed in {info.where}, or the shards are of several splits")
+
+
+def _split(info: _Info, base: str, wanted: Sequence[str], data: str) -> tuple[list[str], list[int]]:
+    name = next((s for s in wanted if s in info.splits), None)
+    if name is None:
+        raise UserError(f"--data {data}: {info.where} has no {' or '.join(wanted)} split")
+    filenames, lengths = info.splits[name]
+    return [_join(base, n) for n in filenames], lengths
+
+
+def shard_splits(
+    location: str, data: str, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 0
+) -> tuple[ShardDataset, ShardDataset]:
+    """The training and validation shards `wds:LOCATION` names (see the module).
+
+    Args:
+        location: What follows `wds:`.
+        data: The `--data` value, for messages.
+        seed: The run's seed (shard orders and shuffle buffers).
+        rank, world_size: This process's place in a distributed run.
+        workers: DataLoader workers per process (0: the process itself reads).
+
+    Raises:
+        UserError: No webdataset package, an unreadable or malformed `_info.json`, shards it does not list, missing
+            local shards, no usable first sample, or fewer training shards than readers (processes × workers).
+    """
+    base, names = _locate(location, data)
+    info = _read_info(base, data)
+    urls, lengths = _shards_of(info, base, names, data) if names else _split(info, base, ("train",), data)
+    readers = world_size * max(workers, 1)
+    if len(urls) < readers:
+        raise UserError(
+            f"--data {data}: {len(urls)} training shards cannot be shared by {world_size} process(es) × "
+            f"{max(workers, 1)} loader worker(s), each of which reads its own: write smaller shards "
+            "(`mambaout data shards --shard-size`) or lower --workers"
+        )
+    train = ShardDataset(urls, lengths, info.classes, data, True, seed, rank, world_size)
+    val_urls, val_lengths = _split(info, base, VAL_SPLITS, data)
+    return train, ShardDataset(val_urls, val_lengths, info.classes, data, False, seed, rank, world_size)
+
+
+def eval_shards(location: str, data: str, rank: int = 0, world_size: int = 1) -> ShardDataset:
+    """The shards `wds:LOCATION` names for evaluation: a pattern's shards, or a folder's `val` split.
+
+    Raises:
+        UserError: As `shard_splits`, but for the count of shards.
+    """
+    base, names = _locate(location, data)
+    info = _read_info(base, data)
+    urls, lengths = _shards_of(info, base, names, data) if names else _split(info, base, VAL_SPLITS, data)
+    return ShardDataset(urls, lengths, info.classes, data, False, rank=rank, world_size=world_size)
+
+
+# --- writing shards -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardsWritten:
+    """What `write_shards` wrote: samples and shards per split, the info file, and the files left out."""
+
+    samples: dict[str, int]
+    shards: dict[str, list[Path]]
+    info: Path
+    unreadable: list[tuple[str, str]]
+
+
+def write_shards(src: Path, dst: Path, shard_size: int, seed: int = 0, force: bool = False) -> ShardsWritten:
+    """Write the ImageFolder tree `src` (`train/<class>/...` and `val/<class>/...`) as shards in `dst`.
+
+    Each split's images are shuffled with `seed` (a shard then mixes the classes: a reader's buffer holds only a
+    shard or two) and written `shard_size` to a shard as `<split>-NNNNNN.tar`, keys `<split>_NNNNNNNN`; then
+    `_info.json` (the module's layout). JPEG, PNG and WebP files are stored as they are, other formats as PNG; every
+    image is decoded first, and unreadable ones are left out. Each file is written atomically; every output is
+    checked before anything is written (`mambaout.outputs.check_output`: never inside `src`, never over a file that
+    is not a shard or an `_info.json` unless `force`).
+
+    Raises:
+        UserError: `src` is not a tree with train/ and val/, or an output is refused.
+    """
+    for split in ("train", "val"):
+        if not (src / split).is_dir():
+            raise UserError(f"SRC {src}: no {split}/ folder (expected {src}/train/<class>/<images> and val/)")
+    train = RobustImageFolder(src / "train", substitute=False)
+    splits = {"train": train, "val": RobustImageFolder(src / "val", classes=train.classes, substitute=False)}
+    planned = {split: math.ceil(len(folder) / shard_size) for split, folder in splits.items()}
+    outputs = [dst / f"{split}-{i:06d}.tar" for split, count in planned.items() for i in range(count)]
+    for path in outputs:
+        check_output(path, "DST", "shard", inputs=[src], force=force)
+    info_path = check_output(dst / INFO, "DST", "shard-info", inputs=[src], force=force)
+    dst.mkdir(parents=True, exist_ok=True)
+    written = ShardsWritten({}, {}, info_path, [])
+    info_splits = {}
+    for split, folder in splits.items():
+        order = random.Random(seed).sample(folder.samples, len(folder.samples))
+        usable = []
+        for path, label in order:
+            try:
+                usable.append((_stored(path), label))
+            except UnreadableImage as e:
+                written.unreadable.append((path, e.reason))
+        chunks = [usable[i : i + shard_size] for i in range(0, len(usable), shard_size)]
+        written.shards[split] = [dst / f"{split}-{i:06d}.tar" for i in range(len(chunks))]
+        for i, (path, chunk) in enumerate(zip(written.shards[split], chunks, strict=True)):
+            with atomic_write(path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for j, ((suffix, data), label) in enumerate(chunk):
+                    key = f"{split}_{i * shard_size + j:08d}"
+                    _add(tar, f"{key}.{suffix}", data)
+                    _add(tar, f"{key}.{LABEL_KEY}", str(label).encode())
+        written.samples[split] = len(usable)
+        info_splits[split] = {
+            "num_samples": len(usable),
+            "filenames": [p.name for p in written.shards[split]],
+            "shard_lengths": [len(chunk) for chunk in chunks],
+        }
+    info = {"classes": train.classes, "splits": info_splits, "seed": seed}
+    with atomic_write(info_path) as f:
+        f.write((json.dumps(info, indent=1) + "\n").encode())
+    return written
+
+
+def _stored(path: str) -> tuple[str, bytes]:
+    """(suffix, bytes) an image is stored as: its own bytes for JPEG/PNG/WebP, else PNG. Decoded first to check it."""
+    image = load_image(path)
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in IMAGE_KEYS:
+        return ("jpg" if suffix == "jpeg" else suffix), Path(path).read_bytes()
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "png", buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    entry = tarfile.TarInfo(name)
+    entry.size, entry.mode = len(data), 0o644  # mtime 0, no owner: the same tree writes the same bytes
+    tar.addfile(entry, io.BytesIO(data))

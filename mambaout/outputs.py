@@ -3,7 +3,7 @@
 Every command that writes a file calls `check_output` on it first. It refuses, with one line naming the flag:
 a folder given where a file is due, a file given where its folder is due, an output that is one of the command's
 inputs (compared as real paths: symlinks, `..`, hard links) or lies inside an input folder (a dataset is read whole),
-a file of a training run (its checkpoints, metrics or config), and an existing file that is not of the kind the
+a file of a training run (its checkpoints, metrics, config or lock), and an existing file that is not of the kind the
 command writes (a photo or notes where predictions would go), unless `force`. `force` never lifts the others.
 The write itself is atomic (`mambaout.weights.io.atomic_path`): an old file stays whole until the new one is complete.
 """
@@ -97,7 +97,7 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 def _run_file(path: Path) -> bool:
     run = RunDir(path.parent)
-    return path.name in {p.name for p in run.files} and run.holds_run()
+    return path.name == run.lock_file.name or (path.name in {p.name for p in run.files} and run.holds_run())
 
 
 def check_output(

@@ -196,6 +196,7 @@ def _path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
             "mambaout predict` output",
         ),
         ("predict", ["predict", photo, "--checkpoint", best, "--output", str(run / "metrics.jsonl")], "training run"),
+        ("predict", ["predict", photo, "--checkpoint", best, "--output", str(run / ".lock"), "--force"], "run"),
         ("predict", ["predict", photo, "--checkpoint", best, "--output", best], "is also an input"),
         ("predict", ["predict", photo, "--checkpoint", str(r / "kwargs.pth")], "model_kwargs must be a mapping"),
         ("predict", ["predict", photo, "--checkpoint", str(r / "arg.pth")], "wings"),

@@ -114,7 +114,7 @@ def test_tensorboard_and_mlflow_hold_the_records_and_a_resumed_run_goes_on_in_th
 
 
 def test_wandb_offline_resumes_its_run(tree, tmp_path):
-    pytest.importorskip("wandb")
+    pytest.importorskip("wandb")  # in the dev extra; a user's install may leave it out
     run = tmp_path / "run"
     assert main(_train(tree, run, "--log", "wandb", epochs="1")) == 0
     run_id = read_checkpoint(run / "last.pth")["tracking"]["wandb"]

@@ -40,10 +40,10 @@ from mambaout.bench.paths import mixer_paths
 from mambaout.errors import UserError
 from mambaout.fast.threads import MIN_WINDOW_S, ThreadFitter
 from mambaout.layers import TOKEN_MIXERS, AttentionMixer, GatedCNNBlock, SSMMixer
+from mambaout.limits import MAX_INPUT_SIZE
 from mambaout.models import MambaOut, create_model, get_spec, model_complexity
 from mambaout.models.capacity import available_bytes
 from mambaout.outputs import PNG_SOFTWARE
-from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.weights.io import atomic_write
 
 __all__ = [

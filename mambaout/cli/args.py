@@ -12,7 +12,7 @@ import yaml
 
 from mambaout.errors import one_line
 from mambaout.fast.allocator import MALLOC_MODES
-from mambaout.train.config import MAX_INPUT_SIZE, MIN_INPUT_SIZE
+from mambaout.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 
 __all__ = ["add_force", "add_malloc", "class_map", "image_size", "integer", "number", "yaml_mapping"]
 

@@ -15,8 +15,8 @@ from mambaout.bench import DTYPES, BenchSettings, run_benchmark, write_timm_csv
 from mambaout.cli.args import add_force, integer, names
 from mambaout.errors import UserError
 from mambaout.layers import TOKEN_MIXERS
+from mambaout.limits import MAX_INPUT_SIZE
 from mambaout.outputs import check_output, same_file
-from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.weights.io import atomic_path
 
 

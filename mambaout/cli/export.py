@@ -17,11 +17,11 @@ from mambaout.cli.args import add_force, integer, number
 from mambaout.errors import UserError
 from mambaout.export import FORMATS, export_model
 from mambaout.fast.fused import fused_graph
+from mambaout.limits import MAX_INPUT_SIZE
 from mambaout.models import create_model, get_spec
 from mambaout.models.settings import create_configured_model
 from mambaout.outputs import check_output
 from mambaout.train.checkpoint import is_run_checkpoint
-from mambaout.train.config import MAX_INPUT_SIZE
 from mambaout.train.share import share_run
 from mambaout.weights import checkpoint_num_classes, load_checkpoint, our_layout, read_state_dict, unwrap_state_dict
 from mambaout.weights.download import is_url

@@ -15,8 +15,8 @@ from mambaout.cli.args import integer
 from mambaout.dense.complexity import dense_table
 from mambaout.errors import UserError
 from mambaout.layers import TOKEN_MIXERS
+from mambaout.limits import MAX_INPUT_SIZE
 from mambaout.models import get_spec, list_models, model_complexity
-from mambaout.train.config import MAX_INPUT_SIZE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

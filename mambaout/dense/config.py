@@ -12,10 +12,9 @@ from dataclasses import dataclass
 
 from mambaout.dense.detector import DETECTORS
 from mambaout.dense.segmenter import HEAD_NORMS
+from mambaout.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from mambaout.train.config import (
     CONFIG_DIR,
-    MAX_INPUT_SIZE,
-    MIN_INPUT_SIZE,
     RunConfig,
     check_choice,
     check_setting,

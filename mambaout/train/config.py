@@ -27,6 +27,7 @@ import yaml
 from timm.optim import list_optimizers
 
 from mambaout.errors import UserError, one_line
+from mambaout.limits import MAX_INPUT_SIZE, MIN_INPUT_SIZE
 from mambaout.train.tracking import TRACKERS
 
 __all__ = [
@@ -45,9 +46,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # package data: installed with the code
-MIN_INPUT_SIZE = 16
 _MAX_CONFIG_BYTES = 1 << 20
-MAX_INPUT_SIZE = 4096  # 4096² is 16.8M pixels a sample: 3x ADE20K's 512x2048, far past any published setting
 AMP_MODES = ("auto", "none", "bf16", "fp16")
 SCHEDULES = ("cosine", "tanh", "poly", "multistep")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

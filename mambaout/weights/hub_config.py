@@ -14,10 +14,10 @@ from typing import Any
 from timm.data.transforms import str_to_interp_mode
 
 from mambaout.errors import UserError, one_line
+from mambaout.limits import MAX_INPUT_SIZE
 
-__all__ = ["MAX_INPUT_SIDE", "check_hub_config"]
+__all__ = ["check_hub_config"]
 
-MAX_INPUT_SIDE = 4096  # as the CLI's --input-size (train.config.MAX_INPUT_SIZE): 16.8M pixels a sample
 CROP_MODES = ("center", "squash", "border")  # timm's eval transform
 INTERPOLATIONS = "nearest, bilinear, bicubic, box, hamming or lanczos"  # the names timm's `str_to_interp_mode` takes
 
@@ -41,8 +41,8 @@ def _check_count(path: Path, field: str, value: Any, least: int) -> None:
 
 def _check_input_size(path: Path, field: str, value: Any) -> None:
     valid = isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_int(v) for v in value)
-    if not (valid and value[0] >= 1 and all(1 <= side <= MAX_INPUT_SIDE for side in value[1:])):
-        raise _refuse(path, field, f"[channels, height, width]: integers >= 1, sides <= {MAX_INPUT_SIDE}", value)
+    if not (valid and value[0] >= 1 and all(1 <= side <= MAX_INPUT_SIZE for side in value[1:])):
+        raise _refuse(path, field, f"[channels, height, width]: integers >= 1, sides <= {MAX_INPUT_SIZE}", value)
 
 
 def _check_normalisation(path: Path, field: str, value: Any, channels: int, source: str, positive: bool) -> None:
@@ -58,7 +58,7 @@ def check_hub_config(config: Any, path: Path) -> None:
     Checked: `architecture` (a string); `num_classes` (top level and in `pretrained_cfg`: an integer >= 0, 0 for a
     feature extractor as timm writes it); `model_args` and `pretrained_cfg` (objects); `model_args.in_chans` (an
     integer >= 1); in `pretrained_cfg` (or the old single-object form) `input_size` / `test_input_size` ([C, H, W],
-    sides up to `MAX_INPUT_SIDE`), `mean` / `std` (1 or C finite numbers, std positive), `crop_pct` /
+    sides up to `MAX_INPUT_SIZE`), `mean` / `std` (1 or C finite numbers, std positive), `crop_pct` /
     `test_crop_pct` (in (0, 1]), `interpolation` (a name timm's transforms know), `crop_mode` (`CROP_MODES`) and
     `label_names` (one string per class after timm's `label_offset`).
 

@@ -1,9 +1,10 @@
 """Data past one folder (issue 24): WebDataset shards, local and over http, and Hugging Face datasets.
 
-Shards are written from a tiny tree by `mambaout data shards` and served by a local HTTP server on 127.0.0.1, as
-object storage would serve them; runs train and evaluate on them through the CLI. Two gloo processes read every sample
-of an epoch exactly once between them; bad samples are skipped and counted; a resumed run reads the next epoch in the
-same shard order; `hfds:` reads a `save_to_disk` folder and parquet files; bad names and files are refused in one line.
+Shards are written from a tiny tree and from the bundled digits by `mambaout data shards` and served by a local HTTP
+server on 127.0.0.1, as object storage would serve them; runs train and evaluate on them through the CLI. Two gloo
+processes read every sample of an epoch exactly once between them; bad samples are skipped and counted; a resumed run
+reads the next epoch in the same shard order; `hfds:` reads a `save_to_disk` folder and parquet files; bad names and
+files are refused in one line.
 """
 
 import dataclasses
@@ -29,7 +30,7 @@ from hostile_fixtures import assert_refused
 from train_fixtures import flags, make_tree
 
 from mambaout.cli import main
-from mambaout.data import shards
+from mambaout.data import digits_tree, shards
 from mambaout.data.shards import eval_shards, shard_splits
 from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
 
@@ -345,3 +346,17 @@ def test_the_base_install_imports_no_data_extra():
     code = f"import sys, mambaout.cli, mambaout.train.trainer; print(sorted({extra} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr[-2000:]
+
+
+def test_the_digits_as_shards_train_over_http(ws, tmp_path, capsys):
+    # the bundled scans (1,437 train / 360 val), written as shards by `data shards` and read back over http
+    target = ws.root / "digits"  # under the server's folder
+    assert main(["data", "shards", str(digits_tree()), str(target), "--shard-size", "360"]) == 0
+    info = json.loads((target / "_info.json").read_text())
+    assert [info["splits"][s]["num_samples"] for s in ("train", "val")] == [1437, 360] and len(info["classes"]) == 10
+    run, data = tmp_path / "run", f"wds:{ws.url.removesuffix('/shards')}/digits"
+    assert main(["train", "--data", data, "--output", str(run), *flags(epochs=2, batch_size=32, lr=3e-3)]) == 0
+    report = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--workers", "0", "--json", str(report)]) == 0
+    record = json.loads(report.read_text())
+    assert record["images"] == 360 and record["top1"] > 50  # 94% here after 2 epochs; chance is 10%

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mambaout.cli.args import add_force, integer
 from mambaout.data import digits_tree, resolve_data
-from mambaout.data.shards import write_shards
+from mambaout.data.shard_writer import write_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

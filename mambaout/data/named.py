@@ -36,6 +36,7 @@ from mambaout.data.hfds import eval_hf, hf_splits
 from mambaout.data.pathfinder import PathfinderConfig, make_samples
 from mambaout.data.shards import ShardDataset, eval_shards, shard_splits
 from mambaout.errors import UserError
+from mambaout.weights.download import is_url
 
 __all__ = [
     "CLASS_NAMES",
@@ -143,7 +144,7 @@ class SourceName:
     @property
     def local(self) -> Path | None:
         """The local folder or file it reads (nothing may be written inside), None for a URL."""
-        return None if self.folder.startswith(("http://", "https://")) else Path(self.folder).expanduser()
+        return None if is_url(self.folder) else Path(self.folder).expanduser()
 
 
 def parse_source_name(data: str | os.PathLike | None) -> SourceName | None:

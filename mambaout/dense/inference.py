@@ -31,7 +31,7 @@ from torchvision.utils import draw_bounding_boxes
 from mambaout.data import ShardSampler, load_image, resolve_data
 from mambaout.data.images import UnreadableImage
 from mambaout.dense.examples import coins_coco, ihc_ade
-from mambaout.dense.tasks import _MASK_THRESHOLD, Detection, build_detector, build_segmenter, coco_results
+from mambaout.dense.tasks import MASK_THRESHOLD, Detection, build_detector, build_segmenter, coco_results
 from mambaout.dense.transforms import segmentation_transform
 from mambaout.errors import UserError
 from mambaout.fast.train_step import autocast
@@ -234,7 +234,7 @@ def _mask_crops(masks: torch.Tensor, boxes: torch.Tensor, height: int, width: in
         resized = F.interpolate(mask[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
         left, top = max(x0, 0), max(y0, 0)
         right, bottom = max(min(x1 + 1, width), left), max(min(y1 + 1, height), top)
-        crops.append((resized[top - y0 : bottom - y0, left - x0 : right - x0] > _MASK_THRESHOLD, left, top))
+        crops.append((resized[top - y0 : bottom - y0, left - x0 : right - x0] > MASK_THRESHOLD, left, top))
     return crops
 
 

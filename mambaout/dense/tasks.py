@@ -38,6 +38,7 @@ from mambaout.train.optim import fused_step_name
 from mambaout.train.task import Task
 
 __all__ = [
+    "MASK_THRESHOLD",
     "Detection",
     "Segmentation",
     "build_detector",
@@ -53,7 +54,7 @@ _FROZEN = (
     "model", "model_kwargs", "num_classes", "opt", "opt_eps", "opt_betas", "momentum", "weight_decay", "batch_size",
     "accum_steps", "fused_optimizer",
 )  # fmt: skip
-_MASK_THRESHOLD = 0.5  # torchvision's and mmdet's: a mask pixel belongs to the instance above this probability
+MASK_THRESHOLD = 0.5  # torchvision's and mmdet's: a mask pixel belongs to the instance above this probability
 
 
 def _to_device(value: Any, device: torch.device) -> Any:
@@ -136,7 +137,7 @@ def coco_results(output: dict[str, torch.Tensor], image_id: int, category_ids: l
             "score": round(score, 5),
         }
         if masks is not None:
-            result["segmentation"] = encode_mask((masks[i, 0] > _MASK_THRESHOLD).cpu().numpy())
+            result["segmentation"] = encode_mask((masks[i, 0] > MASK_THRESHOLD).cpu().numpy())
         results.append(result)
     return results
 

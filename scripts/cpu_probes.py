@@ -18,15 +18,19 @@ timing is the median of interleaved calls (`mambaout.bench.measure`), in one pro
   cross-scan  the fused scan at femto's stage 1 (batch 8, 4 directions): as the SSM mixer calls it (one copy of the
               map, each direction's order by positions) against the same work read in order (copies laid out ahead)
   pathfinder  samples/s of the Pathfinder generator (mambaout.data.pathfinder) per size and contour length
+  dense-memory  peak memory of dense predict's full-size work on one photo (--side: its long side, 4:3), each way in a
+              fresh process: torchvision's pasted masks + full-size RLE vs box-local masks (100 detections of a
+              random Mask R-CNN), and full-size resized class scores + argmax vs bands of rows (150 classes)
   ceiling     a model's linears and convs alone, each timed on its own at its shape, against the whole network in
               timm, ours and every peer engine: how far any path could get past the best peer with these kernels
 
 Usage: python scripts/cpu_probes.py PROBE [--batch-size N] [--repeats N] [--malloc tuned|system] [--load N]
-       [--model NAME] (ceiling, train-profile) [--top N] (train-profile)
+       [--model NAME] (ceiling, train-profile) [--top N] (train-profile) [--side N] (dense-memory)
 """
 
 import argparse
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -492,6 +496,62 @@ def pathfinder_speed(args: argparse.Namespace) -> None:
         print(f"| {size} | {length} | {count} | {count / (time.perf_counter() - start):.0f} |")
 
 
+_DENSE_PEAK = """
+import json, resource, sys
+import torch, torch.nn.functional as F
+from mambaout.dense import create_detector
+from mambaout.dense.data import encode_mask
+from mambaout.dense.inference import _detect, _label_bands, _mask_crops, _rle
+from mambaout.dense.tasks import coco_results
+
+method, height, width = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+image = torch.rand(3, height, width)
+if method.startswith("detect"):
+    tiny = {"depths": [1, 1, 1, 1], "dims": [8, 16, 24, 32]}
+    model = create_detector("mambaout_femto", 2, model_kwargs=tiny, fpn_channels=16, box_head_dim=32).eval()
+    heads = model.roi_heads
+    heads.score_thresh, heads.nms_thresh, heads.detections_per_img = 0.0, 1.0, 100
+else:
+    scores = torch.randn(150, 512, 512 * width // height)  # UperNet's output at the ADE scale's short side 512
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    if method == "detect-torchvision":  # the full-size pasted masks, each encoded whole
+        count = len(coco_results(model([image])[0], 0, [1, 2]))
+    elif method == "detect-ours":
+        output = _detect(model, image)
+        crops = _mask_crops(output["masks"], output["boxes"], height, width)
+        count = len([_rle(c.numpy(), left, top, height, width) for c, left, top in crops])
+    elif method == "segment-full":
+        resized = F.interpolate(scores[None], (height, width), mode="bilinear", align_corners=False)[0]
+        count = int(resized.argmax(0).max())
+    else:
+        count = max(int(band.max()) for _, band in _label_bands(scores, height, width))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"extra_mib": (peak - before) / 1024, "count": count}))
+"""
+
+
+def dense_memory(args: argparse.Namespace) -> None:
+    """Peak resident memory added by each way of dense predict's full-size work, one fresh process each."""
+    height, width = args.side * 3 // 4, args.side
+    print(f"one {width}x{height} photo ({width * height / 1e6:.1f} MP), 1 thread; peak RSS added by the step\n")
+    print("| task | torchvision's way (baseline) | ours | ours / baseline |\n|---|---|---|---|")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for task, baseline, ours in (("detect", "detect-torchvision", "detect-ours"),
+                                 ("segment", "segment-full", "segment-ours")):  # fmt: skip
+        mib, counts = {}, set()
+        for method in (baseline, ours):
+            run = [sys.executable, "-c", _DENSE_PEAK, method, str(height), str(width)]
+            done = subprocess.run(run, capture_output=True, text=True, check=True, env=env)
+            measured = json.loads(done.stdout.strip().splitlines()[-1])
+            mib[method] = measured["extra_mib"]
+            counts.add(measured["count"])
+        # detect: masks encoded (100 unless the random detector found fewer); segment: the largest label drawn
+        what = f"{task} ({'masks' if task == 'detect' else 'top label'} {' / '.join(map(str, sorted(counts)))})"
+        print(f"| {what} | {mib[baseline]:.0f} MiB | {mib[ours]:.0f} MiB | {mib[ours] / mib[baseline]:.3f} |")
+
+
 PROBES = {
     "allocator": allocator,
     "_pair": _pair,
@@ -510,6 +570,7 @@ PROBES = {
     "ssm-profile": ssm_profile,
     "cross-scan": cross_scan,
     "pathfinder": pathfinder_speed,
+    "dense-memory": dense_memory,
 }
 
 
@@ -523,6 +584,7 @@ def main() -> None:
     parser.add_argument("--load", type=int, default=1, help="contention: busy processes beside the runs (1)")
     parser.add_argument("--model", default="mambaout_femto", help="ceiling, train-profile, ssm-profile: variant")
     parser.add_argument("--top", type=int, default=20, help="train-profile, ssm-profile: operators listed (20)")
+    parser.add_argument("--side", type=int, default=4000, help="dense-memory: the photo's long side (4000: 12 MP)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="intra-op threads")
     args = parser.parse_args()
     if args.malloc == "tuned":

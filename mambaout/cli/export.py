@@ -1,11 +1,12 @@
 """Export a model to ONNX, TorchScript or an ExportedProgram, then verify the file against PyTorch; or share a
 training run as a hub folder in timm's format (`--format hub`).
 
-The file takes a dynamic batch (and any image size for ONNX and TorchScript, multiples of 32 for an
-ExportedProgram). It is run after writing (ONNX through ONNX Runtime) on fresh inputs of other batch and image
-sizes, and kept only when its outputs match PyTorch's to --atol. A hub folder (`config.json` + `model.safetensors`)
-carries the run's classes and preprocessing, so `timm.create_model("local-dir:DIR", pretrained=True)` and
-`mambaout predict --checkpoint local-dir:DIR` classify as `mambaout eval` does (`mambaout.train.share`).
+The file takes a dynamic batch (and any image size for ONNX and TorchScript; for an ExportedProgram, multiples of 32
+from 64, a side traced at 32 staying fixed). It is run after writing (ONNX through ONNX Runtime) on fresh inputs of
+other batch and image sizes, and kept only when its outputs match PyTorch's to --atol. A hub folder (`config.json` +
+`model.safetensors`) carries the run's classes and preprocessing, so `timm.create_model("local-dir:DIR",
+pretrained=True)` and `mambaout predict --checkpoint local-dir:DIR` classify as `mambaout eval` does
+(`mambaout.train.share`).
 """
 
 import argparse

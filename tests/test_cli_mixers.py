@@ -7,12 +7,14 @@ import pytest
 import torch
 from train_fixtures import flags, make_tree
 
+import mambaout
 from mambaout.cli import main
+from mambaout.errors import UserError
 from mambaout.export import export_model, load_exported
 from mambaout.layers import AttentionMixer, SSMMixer
 from mambaout.models import MambaOut
 from mambaout.train import load_classifier
-from mambaout.train.checkpoint import read_checkpoint
+from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
 
 TINY_SSM = "{depths: [1, 1, 1, 1], dims: [8, 16, 24, 32], token_mixer: conv_ssm, mixer_kwargs: {scan_directions: 2}}"
 
@@ -40,6 +42,31 @@ def test_the_checkpoint_keeps_the_mixer_and_eval_and_predict_rebuild_it(ssm_run,
     image = next((tree / "val" / "a").iterdir())
     assert main(["predict", str(image), "--checkpoint", str(run / "best.pth"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["predictions"][0]["label"] in ("a", "b")
+
+
+def test_create_model_with_checkpoint_path_builds_the_runs_mixer(ssm_run):
+    _, run = ssm_run
+    model = mambaout.create_model("mambaout_femto", checkpoint_path=run / "best.pth").eval()
+    mixers = [m for m in model.modules() if isinstance(m, SSMMixer)]
+    assert len(mixers) == 4 and all(len(m.orders) == 2 for m in mixers)  # the run's mixer, as it was trained
+    assert model.model_args["token_mixer"] == "conv_ssm"  # what save_pretrained records for rebuilding
+    reference = load_classifier(str(run / "best.pth")).model
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    # a given argument wins over the run's: here one that does not fit its weights
+    with pytest.raises(UserError, match="does not fit"):
+        mambaout.create_model("mambaout_femto", checkpoint_path=run / "best.pth", dims=[16, 16, 24, 32])
+
+
+def test_a_run_checkpoint_whose_model_kwargs_cannot_build_is_one_line(ssm_run, tmp_path):
+    _, run = ssm_run
+    saved = read_checkpoint(run / "best.pth")
+    for bad, says in (({"dims": "wide"}, "cannot build mambaout_femto from its model_args"), (["x"], "not a mapping")):
+        path = tmp_path / "bad.pth"
+        save_checkpoint({**saved, "config": {**saved["config"], "model_kwargs": bad}}, path)
+        with pytest.raises(UserError, match=f"^{path}: .*{says}"):
+            mambaout.create_model("mambaout_femto", checkpoint_path=path)
 
 
 def test_resume_auto_continues_the_mixer_run(ssm_run):

@@ -248,8 +248,8 @@ def test_repository_ids_and_revisions_pass(name):
 
 def test_checkpoint_path_takes_the_runs_classes(ws):
     best = ws.run / "best.pth"
-    model = mambaout.create_model("mambaout_femto", checkpoint_path=best, **TINY)
-    assert model.num_classes == len(CLASSES)
+    model = mambaout.create_model("mambaout_femto", checkpoint_path=best)  # the run's TINY depths and dims too
+    assert model.num_classes == len(CLASSES) and model.model_args == TINY
     reference = load_classifier(str(best)).model  # the model `mambaout eval --checkpoint` evaluates
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():

@@ -29,8 +29,10 @@ from mambaout.cli import main
 from mambaout.dense.tasks import Detection, Segmentation
 from mambaout.errors import UserError
 from mambaout.rundir import RunDir
-from mambaout.train.checkpoint import read_checkpoint
+from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
 from mambaout.train.prepare import prepare_run
+from mambaout.train.runner import run_training
+from mambaout.train.trainer import Classification
 
 TASKS = ("train", "detect", "segment")
 COMMANDS = {"train": ["train"], "detect": ["detect", "train"], "segment": ["segment", "train"]}
@@ -158,6 +160,26 @@ def test_a_dead_holders_lock_is_taken_over_once_its_loader_processes_are_gone(tm
             assert time.monotonic() < deadline, "the lock outlived every process that held it"
             time.sleep(0.05)
     assert os.listdir(run.path) == []
+
+
+def test_a_checkpoint_replaced_after_it_was_read_is_not_continued(ws, tmp_path):
+    run = Path(shutil.copytree(ws.runs["train"], tmp_path / "run"))
+    config, checkpoint = prepare_run(Classification, None, {"output": str(run), "epochs": "2"}, "auto")
+    # meanwhile another run, holding the folder, saved a newer last.pth and let go of the folder
+    newer = read_checkpoint(run / "last.pth")
+    save_checkpoint({**newer, "step": newer["step"] + 1}, run / "last.pth")
+    before = snapshot(run)
+    with pytest.raises(UserError) as refused:
+        run_training(Classification, config, checkpoint)
+    assert str(refused.value) == (
+        f"--resume: {run}/last.pth was replaced by another process after this run read it: run the command again to "
+        "continue from the new one"
+    )
+    assert snapshot(run) == before  # not continued from the older state, nothing overwritten, the lock let go of
+
+    config, checkpoint = prepare_run(Classification, None, {"output": str(run), "epochs": "2"}, "auto")
+    assert run_training(Classification, config, checkpoint) is not None  # read again, it goes on from the new one
+    assert read_checkpoint(run / "last.pth")["step"] == newer["step"] + 2
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:

@@ -144,7 +144,8 @@ def create_model(
         pretrained_cfg_overlay: Keys replacing the config's, e.g. `dict(file="weights.pth")` to load other weights
             with `pretrained=True`, or other `input_size`, `mean`, `std`.
         checkpoint_path: Weights loaded after the pretrained ones (its EMA weights when it has them, as timm does),
-            whole: the model takes its classifier, so a run's checkpoint (`mambaout train`) gives the run's classes.
+            whole: the model takes its classifier, so a run's checkpoint (`mambaout train`) gives the run's classes;
+            a run of this variant also gives its model_kwargs (token mixer, depths, dims), under the ones passed.
         cache_dir: huggingface_hub's cache folder for `hf-hub:` names and sources; default its own.
         features_only: Return a feature extractor (see `mambaout.models.features`) instead of the classifier.
         out_indices: The extractor's stages (0-3, negative from the end, or an int n for the last n).
@@ -190,17 +191,21 @@ def create_model(
     overlay = dict(pretrained_cfg_overlay or {})
     cfg = {**cfg, **overlay, "architecture": spec.name}
     sources = {k: v for k, v in {**explicit, **overlay}.items() if k in _SOURCE_KEYS and v}  # timm: '' is none
-    checkpoint = read_checkpoint_path(checkpoint_path, cache_dir) if checkpoint_path else None
+    checkpoint, run_model = read_checkpoint_path(checkpoint_path, cache_dir) if checkpoint_path else (None, None)
     classes = _num_classes(num_classes, cfg, checkpoint, checkpoint_path)
+    adopted = run_model is not None and split_tag(run_model[0])[0] == spec.name  # a run of this variant
+    if adopted:  # built as the run built it (another mixer, depths, dims); given arguments win
+        kwargs = {**run_model[1], **kwargs}
+    built_from = os.fspath(checkpoint_path) if adopted else where  # whose arguments a refusal names
 
     device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)  # where to build, not what
     args = {"num_classes": classes, "in_chans": cfg.get("input_size", (3,))[0], **kwargs}
     try:
-        check_model_size(spec.name, spec.arch, args, where, torch.device(device or torch.get_default_device()))
+        check_model_size(spec.name, spec.arch, args, built_from, torch.device(device or torch.get_default_device()))
     except _CONSTRUCTOR_ERRORS as e:
-        if not hub:
+        if not (hub or adopted):
             raise  # the constructor's own error, as from timm's create_model
-        raise UserError(f"{where}: cannot build {spec.name} from its model_args: {describe(e)}") from None
+        raise UserError(f"{built_from}: cannot build {spec.name} from its model_args: {describe(e)}") from None
     placement = torch.device(device) if device is not None else contextlib.nullcontext()
     with placement, set_layer_config(scriptable=scriptable, exportable=exportable, no_jit=no_jit):
         model = spec.build(**args)

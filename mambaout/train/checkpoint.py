@@ -14,6 +14,9 @@ A checkpoint is a dict of tensors and plain Python values, so `torch.load(weight
                         last epoch's metrics
 
 `best.pth` holds the same minus optimizer, scaler and rng. Both load with `mambaout.weights.load_checkpoint`.
+
+A checkpoint read to resume also carries `READ_FROM` (never saved): the file and its `file_state` when it was read, so
+that the run, once it holds its folder's lock, can refuse a file that another process has replaced since.
 """
 
 import os
@@ -27,7 +30,24 @@ import torch
 from mambaout.errors import UserError
 from mambaout.weights.io import atomic_write, read_file, tensor_bytes
 
-__all__ = ["is_run_checkpoint", "read_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "READ_FROM",
+    "file_state",
+    "is_run_checkpoint",
+    "read_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+
+READ_FROM = "read_from"  # (path, file_state) of the file a resumed checkpoint was read from
+
+
+def file_state(path: str | os.PathLike) -> tuple[int, int, int, int]:
+    """(device, inode, size, mtime in ns) of `path`: an atomic replacement or a rewrite changes it."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def rng_state() -> dict[str, Any]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from mambaout.errors import UserError, one_line
 from mambaout.rundir import RunDir
-from mambaout.train.checkpoint import read_checkpoint
+from mambaout.train.checkpoint import READ_FROM, file_state, read_checkpoint
 from mambaout.train.config import RunConfig, build_config, flag, load_config_file, means_none
 from mambaout.train.task import Task
 
@@ -168,7 +168,10 @@ def _print(notes: list[str]) -> None:
 def _read_resumable(task: type[Task], path: Path) -> dict[str, Any]:
     """A `last.pth` that holds all a resumed run needs; a damaged one is refused, offering `best.pth` if it reads."""
     try:
+        state = file_state(path)  # before reading: a file replaced while it is read does not pass for the one read
         checkpoint = read_checkpoint(path)
+    except OSError as e:
+        raise UserError(f"--resume: cannot read {path}: {e.strerror or e}") from None
     except UserError as e:
         raise UserError(f"--resume: {e}{_best_fallback(task, path)}") from None
     if checkpoint.get("optimizer") is None:
@@ -188,7 +191,7 @@ def _read_resumable(task: type[Task], path: Path) -> dict[str, Any]:
             f"--resume: {path} lacks what a resumed run needs ({', '.join(missing)}); it was not written by "
             f"`{task.command}` or is damaged{_best_fallback(task, path)}"
         )
-    return checkpoint
+    return {**checkpoint, READ_FROM: (path, state)}
 
 
 def _best_fallback(task: type[Task], last: Path) -> str:

@@ -278,17 +278,34 @@ def _adapt_first_conv(
 
 def read_checkpoint_path(
     path: str | os.PathLike, cache_dir: str | os.PathLike | None = None
-) -> dict[str, torch.Tensor]:
-    """The weights `create_model(checkpoint_path=...)` loads, in our layout: its EMA weights when it has them, as timm.
+) -> tuple[dict[str, torch.Tensor], tuple[str, dict[str, Any]] | None]:
+    """The weights `create_model(checkpoint_path=...)` loads, in our layout: its EMA weights when it has them, as timm;
+    and how the model was built when the file is a `mambaout train` checkpoint.
 
     Args:
         path: Any source `read_state_dict` reads.
         cache_dir: huggingface_hub's cache folder for `hf-hub:` sources.
 
+    Returns:
+        The weights, and the run's (model name, model_kwargs) from its saved config, or None for other files.
+
     Raises:
-        UserError: Unreadable checkpoint, or not MambaOut weights.
+        UserError: Unreadable checkpoint, not MambaOut weights, or a run config whose model_kwargs is no mapping of
+            argument names.
     """
     file = _resolve_file(path, None, cache_dir)
     checkpoint = read_file(file)
     has_ema = isinstance(checkpoint, Mapping) and any(isinstance(checkpoint.get(k), Mapping) for k in _EMA_KEYS)
-    return our_layout(unwrap_state_dict(checkpoint, prefer_ema=has_ema, name=str(file)), str(file))
+    weights = our_layout(unwrap_state_dict(checkpoint, prefer_ema=has_ema, name=str(file)), str(file))
+    return weights, _run_model(checkpoint, file)
+
+
+def _run_model(checkpoint: Any, file: Path) -> tuple[str, dict[str, Any]] | None:
+    """(model name, model_kwargs) a `mambaout train` checkpoint's config built its model with, or None."""
+    config = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(config, Mapping) or not isinstance(config.get("model"), str):
+        return None
+    kwargs = config.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
+        raise UserError(f"{file}: its config's model_kwargs is not a mapping of constructor arguments")
+    return config["model"], dict(kwargs)

@@ -3,8 +3,8 @@
 Shards are written from a tiny tree and from the bundled digits by `mambaout data shards` and served by a local HTTP
 server on 127.0.0.1, as object storage would serve them; runs train and evaluate on them through the CLI. Two gloo
 processes read every sample of an epoch exactly once between them; bad samples are skipped and counted; a resumed run
-reads the next epoch in the same shard order; `hfds:` reads a `save_to_disk` folder and parquet files; bad names and
-files are refused in one line.
+reads the next epoch in the same shard order, and one stopped mid-epoch the batches that came next; `hfds:` reads a
+`save_to_disk` folder and parquet files; bad names and files are refused in one line.
 """
 
 import dataclasses
@@ -15,6 +15,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,12 +28,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from hostile_fixtures import assert_refused
+from torch.utils.data import DataLoader
 from train_fixtures import flags, make_tree
 
 from mambaout.cli import main
 from mambaout.data import digits_tree, shards
 from mambaout.data.shards import eval_shards, shard_splits
-from mambaout.train.checkpoint import read_checkpoint, save_checkpoint
+from mambaout.train import runner
+from mambaout.train.checkpoint import read_checkpoint
 
 TRAIN_SHARDS = "train-{000000..000003}.tar"  # 4 shards of 8: 32 training samples, 8 validation samples in one shard
 
@@ -172,7 +175,7 @@ def _epoch(ws: Workspace, epoch: int) -> list[str]:
     return [image for image, _ in itertools.islice(iter(train), 32)]
 
 
-def test_resume_reads_the_next_epoch_in_the_same_shard_order(ws, tmp_path, capsys):
+def test_resume_reads_the_next_epoch_in_the_same_shard_order(ws, tmp_path):
     # the order is a function of the seed and the epoch: fresh datasets agree, epochs differ, each is every sample
     assert _epoch(ws, 1) == _epoch(ws, 1) != _epoch(ws, 0)
     assert sorted(_epoch(ws, 0)) == sorted(_epoch(ws, 1)) and len(set(_epoch(ws, 0))) == 32
@@ -187,13 +190,42 @@ def test_resume_reads_the_next_epoch_in_the_same_shard_order(ws, tmp_path, capsy
     for name, value in straight["model"].items():
         assert torch.equal(resumed["model"][name], value), name
 
-    # stopped mid-epoch (as SIGTERM saves it): the epoch's remaining steps read its shard order from the start
-    stopped = {**resumed, "epoch": 1, "step": 11, "epoch_progress": {"updates": 3, "loss_sum": 1.0, "samples": 12}}
-    save_checkpoint(stopped, tmp_path / "resumed" / "last.pth")
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stream_resumed_mid_epoch_goes_on_with_the_batches_that_came_next(ws, workers):
+    def batches(skip: int) -> list[list[str]]:
+        train, _ = shard_splits(str(ws.shards), f"wds:{ws.shards}", seed=0)
+        train.transform = _fingerprint
+        train.set_epoch(1, skip_batches=skip, batch_size=4)
+        loader = DataLoader(train, batch_size=4, num_workers=workers)
+        return [list(images) for images, _ in itertools.islice(loader, 8 - skip)]
+
+    straight = batches(0)
+    assert len({image for batch in straight for image in batch}) == 32  # the epoch: every sample once
+    for skip in (1, 3, 4):  # with 2 workers, an odd count resumes on the other worker's stream
+        assert batches(skip) == straight[skip:]
+
+
+def test_a_run_stopped_mid_epoch_on_shards_resumes_to_the_same_weights(ws, tmp_path, monkeypatch, capsys):
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    save = runner.save_checkpoint
+
+    def keeping_the_mid_epoch_state(checkpoint: dict, path: Path) -> None:
+        save(checkpoint, path)
+        if checkpoint["step"] == 11:  # 3 of epoch 2's 8 steps: the run as a SIGTERM or SIGKILL here leaves it
+            shutil.copytree(straight, stopped)
+
+    monkeypatch.setattr(runner, "save_checkpoint", keeping_the_mid_epoch_state)
+    assert main(["train", "--data", f"wds:{ws.shards}", "--output", str(straight), *flags(save_interval=1)]) == 0
+    monkeypatch.undo()
+    assert read_checkpoint(stopped / "last.pth")["epoch_progress"]["updates"] == 3
     capsys.readouterr()
-    assert main(["train", "--output", str(tmp_path / "resumed"), "--resume", "auto"]) == 0
-    assert "at the start of epoch 2's shard order for its remaining 5 steps" in capsys.readouterr().out
-    assert read_checkpoint(tmp_path / "resumed" / "last.pth")["step"] == 16
+    assert main(["train", "--output", str(stopped), "--resume", "auto"]) == 0
+    assert "in epoch 2: reading its shard order again past the 12 samples per process" in capsys.readouterr().out
+    finished, resumed = read_checkpoint(straight / "last.pth"), read_checkpoint(stopped / "last.pth")
+    assert finished["step"] == resumed["step"] == 16
+    for name, value in finished["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
 
 
 def _bad_shards(ws: Workspace, folder: Path) -> Path:

@@ -22,8 +22,9 @@ processes (`samples_per_process`). When the shard count is a multiple of the rea
 sample is read exactly once per epoch across ranks; otherwise a reader that runs short reads its shards again (some
 samples repeat) and one with more than its share leaves its last ones unread that epoch. Fewer shards than readers is
 refused. The order depends on the seed, the epoch, the number of processes and of workers only: a run resumed at an
-epoch boundary reads what the uninterrupted run would have read; one stopped mid-epoch restarts that epoch's order
-(`mambaout.train.runner`).
+epoch boundary reads what the uninterrupted run would have read, and one resumed mid-epoch (`set_epoch`'s
+`skip_batches`) reads that epoch's order again, passing over the samples its batches had already taken without
+transforming them, then goes on with the very samples the uninterrupted run would have read next.
 
 Bad samples (an image that does not decode, no image or no `cls`, a label that is no class) are skipped and counted
 as the folder datasets do them (`status`, `new_unreadable()`); a shard that cannot be opened or read to its end is a
@@ -150,6 +151,7 @@ class ShardDataset(IterableDataset):
         self.rank, self.world_size, self.shuffle_buffer = rank, world_size, shuffle_buffer
         self.transform = None
         self.epoch = 0
+        self.skip = (0, 0)  # (batches this process's loader took already, samples a batch) of the current epoch
         self.starts = [0, *itertools.accumulate(self.lengths)][:-1]
         self.status = torch.zeros(sum(self.lengths), dtype=torch.uint8).share_memory_()
         self._reported = torch.zeros(sum(self.lengths), dtype=torch.bool)
@@ -167,9 +169,13 @@ class ShardDataset(IterableDataset):
         """Samples each process trains on per epoch: the declared size split over the processes."""
         return len(self) // self.world_size
 
-    def set_epoch(self, epoch: int) -> None:
-        """Read epoch `epoch`'s shard order next (call before each epoch's loader iterator)."""
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 0) -> None:
+        """Read epoch `epoch`'s shard order next (call before each epoch's loader iterator), past the first
+        `skip_batches` batches of `batch_size` samples that this process's loader had taken (a run resumed mid-epoch).
+
+        A loader with several workers takes its batches from them in turn, so each worker passes over its share.
+        """
+        self.epoch, self.skip = epoch, (skip_batches, batch_size)
 
     def relabel(self, labels: Mapping[str, int]) -> None:
         """Yield `labels[class name]` instead of the shards' label (a model's outputs matched to classes by name)."""
@@ -178,14 +184,20 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[tuple[Any, int]]:
         worker = get_worker_info()
         workers, index = (worker.num_workers, worker.id) if worker is not None else (1, 0)
-        readers, reader = self.world_size * workers, self.rank * workers + index
         if not self.training:
+            readers, reader = self.world_size * workers, self.rank * workers + index
             yield from self._decoded(self._read(range(reader, len(self.urls), readers)))
             return
+        # a loader takes batch i from worker i % workers: resumed past `batches`, worker `index` goes on with the
+        # stream that would have given the next batch it is asked for, past that stream's batches already taken
+        batches, batch_size = self.skip
+        slot = (index + batches) % workers
+        taken = (batches // workers + (slot < batches % workers)) * batch_size
+        readers, reader = self.world_size * workers, self.rank * workers + slot
         epoch_seed = self.seed * 1_000_003 + self.epoch
         order = random.Random(epoch_seed).sample(range(len(self.urls)), len(self.urls))
         rng = random.Random(epoch_seed * 1_009 + reader)
-        yield from self._decoded(self._passes(order[reader::readers], rng), endless=True)
+        yield from self._decoded(self._passes(order[reader::readers], rng), endless=True, skip=taken)
 
     def new_unreadable(self) -> list[tuple[str, str]]:
         """(sample, reason) of the samples found bad since the last call; call it in the main process.
@@ -229,12 +241,19 @@ class ShardDataset(IterableDataset):
         except _READ_ERRORS as e:
             raise DataFailed(f"shard {url} cannot be read: {_error_text(e)}") from None
 
-    def _decoded(self, samples: Iterator[tuple[int, int, dict]], endless: bool = False) -> Iterator[tuple[Any, int]]:
+    def _decoded(
+        self, samples: Iterator[tuple[int, int, dict]], endless: bool = False, skip: int = 0
+    ) -> Iterator[tuple[Any, int]]:
+        """Usable samples transformed, but for the first `skip` ones, passed over untransformed (so that the random
+        draws of the transforms go on from where the interrupted run left them)."""
         bad_in_a_row = 0
         for shard, position, sample in samples:
             item = self._sample(shard, position, sample)
             if item is not None:
                 bad_in_a_row = 0
+                if skip:
+                    skip -= 1
+                    continue
                 yield transformed(self.transform, item[0], item[2]), item[1]
                 continue
             bad_in_a_row += 1

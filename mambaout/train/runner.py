@@ -11,8 +11,8 @@ Never losing a run: `last.pth` is replaced atomically after every epoch (and eve
 and SIGTERM finish the current optimizer step, save a resumable `last.pth` and raise `TrainingInterrupted`; a NaN or
 infinite loss raises `NonFiniteLoss` before anything is written, and data that fails mid-run (a transform, the data
 folder gone) `DataFailed`, each saying where the run can go on from. `--resume auto` picks `last.pth` up: at an epoch
-end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0); streamed
-shards (`mambaout.data.shards`, no sampler) restart the interrupted epoch's shard order for its remaining steps.
+end, or mid-epoch with the same samples still to come (and the same random draws when `workers` is 0), streamed
+shards (`mambaout.data.shards`, no sampler) too: they read the epoch's shard order again, passing over what was read.
 """
 
 import contextlib
@@ -242,17 +242,18 @@ class Runner:
         )
 
     def _set_epoch(self, epoch: int, progress: EpochProgress) -> None:
-        """Select epoch `epoch`'s samples: the sampler's order past those `progress` says were trained on, or streamed
-        shards' order from its start (a stream cannot skip ahead: a part-done epoch reads its start again)."""
+        """Select epoch `epoch`'s samples past those `progress` says were trained on: the sampler's order, or streamed
+        shards' (a stream cannot seek: it reads the epoch's order again from its start, passing over those)."""
         config = self.config
+        batches = progress.updates * config.accum_steps
         if self.sampler is not None:
-            self.sampler.set_epoch(epoch, start=progress.updates * config.accum_steps * config.batch_size)
+            self.sampler.set_epoch(epoch, start=batches * config.batch_size)
             return
-        self.task.train_set.set_epoch(epoch)
+        self.task.train_set.set_epoch(epoch, skip_batches=batches, batch_size=config.batch_size)
         if progress.updates and self.env.is_main:
             print(
-                f"resuming streamed data at the start of epoch {epoch + 1}'s shard order for its remaining "
-                f"{self._updates_in(epoch) - progress.updates} steps",
+                f"resuming streamed data in epoch {epoch + 1}: reading its shard order again past the "
+                f"{batches * config.batch_size} samples per process already trained on",
                 flush=True,
             )
 

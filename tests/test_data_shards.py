@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from train_fixtures import flags, make_tree
 
 from mambaout.cli import main
-from mambaout.data import digits_tree, shards
+from mambaout.data import DataFailed, digits_tree, shards
 from mambaout.data.shards import eval_shards, shard_splits
 from mambaout.train import runner
 from mambaout.train.checkpoint import read_checkpoint
@@ -42,9 +42,27 @@ TRAIN_SHARDS = "train-{000000..000003}.tar"  # 4 shards of 8: 32 training sample
 
 class _Server(http.server.SimpleHTTPRequestHandler):
     requests: list[str] = []  # noqa: RUF012 (the paths asked for, shared by the server's handlers)
+    # what the next requests of a path get instead of the file, one each: "500" (a server error), "cut" (half the
+    # file, then the connection closes, as a dropped download)
+    faults: dict[str, list[str]] = {}  # noqa: RUF012
 
     def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
         _Server.requests.append(self.path)
+        fault = _Server.faults.get(self.path, [None]).pop(0) if _Server.faults.get(self.path) else None
+        if fault == "500":
+            self.send_error(500)
+        elif fault == "cut":
+            data = Path(self.translate_path(self.path)).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+        else:
+            super().do_GET()
 
 
 @dataclasses.dataclass
@@ -130,6 +148,48 @@ def test_trains_and_evaluates_on_shards_over_http(ws, tmp_path, capsys):
         assert main(argv + (["--data", given] if given else [])) == 0
         record = json.loads(report.read_text())
         assert record["images"] == images and record["unreadable"] == [] and record["top1"] >= 0
+
+
+def _first_pass(ws: Workspace, location: str, samples: int) -> list[str]:
+    train, _ = shard_splits(location, f"wds:{location}", seed=0)
+    train.set_epoch(0)
+    train.transform = _fingerprint
+    return [image for image, _ in itertools.islice(iter(train), samples)]
+
+
+def test_an_http_shard_whose_read_fails_is_read_again_from_where_it_stopped(ws, monkeypatch, capsys):
+    monkeypatch.setattr(shards, "RETRY_WAIT_S", 0)
+    monkeypatch.setattr(
+        _Server, "faults", {"/shards/train-000001.tar": ["500", "cut"], "/shards/train-000002.tar": ["cut"] * 3}
+    )
+    _Server.requests.clear()
+    assert _first_pass(ws, ws.url, 32) == _first_pass(ws, str(ws.shards), 32)  # each sample once, in the same order
+    assert (
+        _Server.requests.count("/shards/train-000001.tar") == 3
+        and _Server.requests.count("/shards/train-000002.tar") == 4
+    )
+    assert _Server.faults == {"/shards/train-000001.tar": [], "/shards/train-000002.tar": []}
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_shard_that_stays_unreadable_is_left_out_of_training_and_fails_evaluation(ws, monkeypatch, capsys):
+    monkeypatch.setattr(shards, "RETRY_WAIT_S", 0)
+    monkeypatch.setattr(_Server, "faults", {"/shards/train-000003.tar": ["500"] * 100})
+    broken = eval_shards(str(ws.shards / "train-000003.tar"), "local")
+    broken.transform = _fingerprint
+    left_out = [image for image, _ in broken]
+    every = _first_pass(ws, str(ws.shards), 32)
+    assert sorted(_first_pass(ws, ws.url, 24)) == sorted(set(every) - set(left_out))  # a pass of the other three
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"warning: shard {ws.url}/train-000003.tar cannot be read (4 tries): HTTPError: HTTP Error 500: Internal "
+        "Server Error: the rest of it is left out of this pass"
+    ]
+    # evaluation over part of the data would pass for the whole: it stops, naming the shard
+    evaluated = eval_shards(f"{ws.url}/{TRAIN_SHARDS}", "http")
+    evaluated.transform = _fingerprint
+    with pytest.raises(DataFailed, match=f"^shard {ws.url}/train-000003.tar cannot be read \\(4 tries\\)"):
+        list(evaluated)
 
 
 def _rank(rank: int, world_size: int, port: int, argv: list[str], out: str) -> None:

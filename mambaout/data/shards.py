@@ -27,8 +27,11 @@ epoch boundary reads what the uninterrupted run would have read, and one resumed
 transforming them, then goes on with the very samples the uninterrupted run would have read next.
 
 Bad samples (an image that does not decode, no image or no `cls`, a label that is no class) are skipped and counted
-as the folder datasets do them (`status`, `new_unreadable()`); a shard that cannot be opened or read to its end is a
-`DataFailed` naming it. Evaluation (`training=False`) reads each shard once, in order, split over ranks and workers.
+as the folder datasets do them (`status`, `new_unreadable()`). An http(s) shard whose read fails is read again, up to
+`RETRIES` times with growing waits, going on after the samples it gave. A shard that still cannot be read is left out
+of that pass with a warning naming it in training (the next pass tries it again; a reader none of whose shards read
+is a `DataFailed`), and is a `DataFailed` naming it in evaluation. Evaluation (`training=False`) reads each shard
+once, in order, split over ranks and workers.
 """
 
 import bisect
@@ -38,7 +41,9 @@ import io
 import itertools
 import json
 import random
+import sys
 import tarfile
+import time
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -57,6 +62,8 @@ from mambaout.weights.download import is_url
 
 __all__ = [
     "INFO",
+    "RETRIES",
+    "RETRY_WAIT_S",
     "SHUFFLE_BUFFER",
     "ShardDataset",
     "eval_shards",
@@ -69,6 +76,8 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 LABEL_KEY = "cls"
 VAL_SPLITS = ("val", "validation")
 _TIMEOUT_S = 60  # an http(s) read that stalls this long fails
+RETRIES = 3  # reads again of an http(s) shard whose read failed (a dropped connection, a 5xx), in a row
+RETRY_WAIT_S = 2.0  # before the first read again; doubled for each next one
 _OK, _NO_IMAGE, _BAD_IMAGE, _NO_LABEL, _BAD_LABEL = range(5)
 _REASONS = {
     _NO_IMAGE: "no jpg, png or webp image",
@@ -222,24 +231,52 @@ class ShardDataset(IterableDataset):
                 yield sample
             if not read:
                 names = ", ".join(_split_path(self.urls[i])[1] for i in shards[:3])
-                raise DataFailed(f"shards {names} of {self.root} hold no samples")
+                raise DataFailed(f"shards {names} of {self.root} gave no sample: they hold none, or none could be read")
 
     def _read(self, shards: Sequence[int]) -> Iterator[tuple[int, int, dict]]:
+        """The samples of `shards` in turn; in training, a shard that cannot be read (after `_samples`' retries) is
+        left for this pass with a warning, as WebDataset pipelines with `log_and_continue` leave it; in evaluation it
+        is a `DataFailed`, as a metric over part of the data would pass for the whole."""
         for shard in shards:
-            yield from self._samples(shard)
+            try:
+                yield from self._samples(shard)
+            except DataFailed as e:
+                if not self.training:
+                    raise
+                print(f"warning: {e}: the rest of it is left out of this pass", file=sys.stderr, flush=True)
 
     def _samples(self, shard: int) -> Iterator[tuple[int, int, dict]]:
-        """(shard, position, raw sample) of one shard, up to its declared length."""
-        url, iterators = self.urls[shard], _require("webdataset").tariterators
-        try:
-            with _open(url) as stream:
-                files = iterators.tar_file_expander([{"url": url, "stream": stream}])
-                for position, sample in enumerate(iterators.group_by_keys(files)):
-                    if position == self.lengths[shard]:
-                        return
-                    yield shard, position, sample
-        except _READ_ERRORS as e:
-            raise DataFailed(f"shard {url} cannot be read: {_error_text(e)}") from None
+        """(shard, position, raw sample) of one shard, up to its declared length; an http(s) shard whose read fails or
+        ends early (a dropped connection reads as an early end) is read again up to `RETRIES` times in a row, going
+        on after the samples it gave."""
+        url, length = self.urls[shard], self.lengths[shard]
+        given, failures = 0, 0
+        while True:
+            held = None  # the last sample read waits for the next: a stream that ends early may have cut it short
+            try:
+                for position, sample in _tar_samples(url):
+                    if position == length:
+                        break
+                    if held is not None and held[0] >= given:
+                        given, failures = held[0] + 1, 0
+                        yield shard, *held
+                    held = (position, sample)
+                read = held[0] + 1 if held is not None else 0
+                if read < length:
+                    raise _EndedEarly(f"it ended after {read} of its {length} samples")
+                if held[0] >= given:
+                    yield shard, *held
+                return
+            except (*_READ_ERRORS, _EndedEarly) as e:
+                failures += 1
+                if is_url(url) and failures <= RETRIES:
+                    time.sleep(RETRY_WAIT_S * 2 ** (failures - 1))
+                    continue
+                if held is not None and held[0] >= given:
+                    yield shard, *held  # as the shard holds it
+                tries = f" ({failures} tries)" if failures > 1 else ""
+                why = str(e) if isinstance(e, _EndedEarly) else _error_text(e)
+                raise DataFailed(f"shard {url} cannot be read{tries}: {why}") from None
 
     def _decoded(
         self, samples: Iterator[tuple[int, int, dict]], endless: bool = False, skip: int = 0
@@ -296,6 +333,18 @@ class ShardDataset(IterableDataset):
         found = self.new_unreadable()
         example = f", e.g. {found[0][0]}: {found[0][1]}" if found else " (it holds none)"
         raise UserError(f"--data {self.root}: no usable sample in {self.urls[first]}{example}")
+
+
+class _EndedEarly(Exception):
+    """A shard's stream ended before its declared sample count."""
+
+
+def _tar_samples(url: str) -> Iterator[tuple[int, dict]]:
+    """(position, raw sample) of a shard from its start, with webdataset's tar iterators."""
+    iterators = _require("webdataset").tariterators
+    with _open(url) as stream:
+        files = iterators.tar_file_expander([{"url": url, "stream": stream}])
+        yield from enumerate(iterators.group_by_keys(files))
 
 
 def _label(raw: bytes | None) -> int | None:

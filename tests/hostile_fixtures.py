@@ -18,6 +18,8 @@ def snapshot(root: Path) -> dict[str, str]:
                 state[key] = f"-> {os.readlink(path)}"
             elif path.is_dir():
                 state[key] = "dir"
+            elif not path.is_file():  # a FIFO (reading it would wait for a writer) or a device
+                state[key] = "special"
             else:
                 state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state

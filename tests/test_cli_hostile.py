@@ -9,6 +9,7 @@ another kind), plus the hostile files of issue 10 (a YAML bomb, bytes that are n
 
 import argparse
 import dataclasses
+import os
 import typing
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def ws(tmp_path_factory) -> Workspace:
     (root / "link.pth").symlink_to(run / "last.pth")
     (root / "binary.yaml").write_bytes(b"epochs: \xff\xfe\x00\x81\n")
     (root / "bomb.yaml").write_text(YAML_BOMB + "opt: *i\n")
+    (root / "pipes").mkdir()
+    for name in ("pipe.pth", "pipe.yaml"):  # reading one would wait for a writer forever
+        os.mkfifo(root / "pipes" / name)
     (root / "halfrun").mkdir()
     (root / "halfrun" / "metrics.jsonl").write_text('{"epoch": 1}\n')
     checkpoint = read_checkpoint(run / "last.pth")
@@ -233,6 +237,10 @@ def _path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
         ("train", [*train, "--config", str(r / "folder")], "--config"),
         ("train", [*train, "--config", str(r / "binary.yaml")], "not UTF-8"),
         ("train", [*train, "--config", str(r / "bomb.yaml")], "aliases"),
+        ("train", [*train, "--config", str(r / "pipes" / "pipe.yaml")], "pipe.yaml is not a regular file"),
+        ("train", ["train", "--resume", str(r / "pipes" / "pipe.pth")], "pipe.pth is a FIFO, not a checkpoint"),
+        ("eval", ["eval", "--checkpoint", str(r / "pipes" / "pipe.pth")], "pipe.pth is a FIFO, not a checkpoint"),
+        ("predict", ["predict", photo, "--checkpoint", str(r / "pipes" / "pipe.pth")], "pipe.pth is a FIFO"),
         ("train", [*train, "--model-kwargs", "{dims: [-1, 2, 3, 4]}"], "--model-kwargs"),
         ("train", [*train, "--model-kwargs", "{depths: [1, 1]}"], "--model-kwargs"),
         ("train", [*train, "--model-kwargs", "{wings: 2}"], "--model-kwargs"),
@@ -266,6 +274,7 @@ def _dense_path_cases(ws: Workspace) -> list[tuple[str, list[str], str]]:
         ("detect eval", ["detect", "eval", "--checkpoint", str(det), "--json", str(det)], "is also an input"),
         ("detect eval", ["detect", "eval", "--checkpoint", str(det), "--json", photo], "eval` results file"),
         ("detect eval", ["detect", "eval", "--checkpoint", str(seg)], "is a segmentation checkpoint"),
+        ("detect eval", ["detect", "eval", "--checkpoint", str(r / "pipes" / "pipe.pth")], "pipe.pth is a FIFO"),
         ("detect eval", ["detect", "eval", "--checkpoint", str(ws.run / "best.pth")], "is a classification"),
         ("detect predict", [*predict, "--output", str(r / "notes.txt")], "is a file"),
         ("detect predict", [*predict, "--output", str(r)], "is also an input"),  # photo.png over the photo

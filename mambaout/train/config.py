@@ -430,6 +430,8 @@ def load_config_file(
         UserError: the file is missing, is not a YAML mapping, or has a key that is not a config field.
     """
     path = Path(name_or_path).expanduser()
+    if path.exists() and not path.is_file():
+        raise UserError(f"--config: {path} is not a regular file: give a YAML recipe file or a recipe's name")
     if not path.is_file():
         named = folder / f"{name_or_path.removesuffix('.yaml')}.yaml"
         if not named.is_file():

@@ -56,6 +56,9 @@ def file_format(path: Path) -> str:
         raise UserError(f"no such file: {path}")
     if path.is_dir():
         raise UserError(f"{path} is a directory, not a checkpoint file")
+    if not path.is_file():  # reading a FIFO would wait for a writer; a device has no end
+        kind = "a FIFO" if path.is_fifo() else "a device or other special file"
+        raise UserError(f"{path} is {kind}, not a checkpoint file")
     if path.stat().st_size == 0:
         raise UserError(f"{path} is empty (0 bytes): an interrupted download or copy? fetch it again")
     try:

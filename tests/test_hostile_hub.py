@@ -50,6 +50,7 @@ HOSTILE_CONFIGS: list[tuple[str, dict[str, Any], str]] = [
     ("cfg-classes-string", {"pretrained_cfg": {"num_classes": "x"}}, "pretrained_cfg.num_classes"),
     ("dims-huge", {"model_args": {"dims": [10**6] * 4}}, "dims=[1000000"),
     ("depths-huge", {"model_args": {"depths": [10**12] * 4}}, "depths=[1000000000000"),
+    ("depths-many-tiny-blocks", {"model_args": {"depths": [10**6, 1, 1, 1], "dims": [1, 1, 1, 1]}}, "1,000,003 blocks"),
     ("in-chans-huge", {"model_args": {"in_chans": 10**9}, "pretrained_cfg": {"mean": [0.5], "std": [0.5]}}, "in_chans"),
     ("in-chans-zero", {"model_args": {"in_chans": 0}}, "model_args.in_chans"),
     ("depths-not-dims", {"model_args": {"depths": [1, 1]}}, "depths (1, 1) and dims"),

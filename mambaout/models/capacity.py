@@ -16,9 +16,12 @@ from torch import nn
 from mambaout.errors import UserError, one_line
 from mambaout.models.mambaout import MambaOut
 
-__all__ = ["MAX_PARAMETERS", "available_bytes", "check_model_size", "count_parameters"]
+__all__ = ["MAX_BLOCKS", "MAX_PARAMETERS", "available_bytes", "check_model_size", "count_parameters"]
 
 MAX_PARAMETERS = 2**31  # 8 GiB in float32: 25 times mambaout_base, the largest registered variant
+# blocks in all stages: 100 times mambaout_base's 37; a tiny block still costs a few Python modules, so a million
+# of them take minutes and gigabytes to build however few their parameters
+MAX_BLOCKS = 3700
 # the constructor arguments that decide the size, named when a network is refused
 _SIZE_ARGS = ("num_classes", "in_chans", "depths", "dims", "expansion_ratio", "conv_ratio", "kernel_size")
 
@@ -70,7 +73,8 @@ def count_parameters(args: Mapping[str, Any]) -> int:
 def check_model_size(
     name: str, arch: Mapping[str, Any], given: Mapping[str, Any], where: str, device: torch.device
 ) -> None:
-    """Refuse a network of more than `MAX_PARAMETERS` elements, or whose weights need more memory than is free.
+    """Refuse a network of more than `MAX_PARAMETERS` elements or `MAX_BLOCKS` blocks, or whose weights need more
+    memory than is free.
 
     Args:
         name: The variant, for the message.
@@ -83,6 +87,12 @@ def check_model_size(
         UserError: Too large; the message gives the count, the memory it needs and the bound it passes.
         What the constructor raises on bad arguments.
     """
+    depths = {**arch, **given}.get("depths")
+    blocks = sum(depths) if isinstance(depths, Sequence) and all(isinstance(d, int) for d in depths) else 0
+    if blocks > MAX_BLOCKS:
+        shown = one_line(repr(given.get("depths", depths)), 60)
+        raise UserError(f"{where}: {name} with depths={shown} would have {blocks:,} blocks, more than the "
+                        f"{MAX_BLOCKS:,} a network may have: lower them")  # fmt: skip
     count = count_parameters({**arch, **given})
     need = count * torch.finfo(torch.get_default_dtype()).bits // 8
     free = None if device.type == "meta" else available_bytes(device)

@@ -35,6 +35,7 @@ __all__ = [
     "file_state",
     "is_run_checkpoint",
     "read_checkpoint",
+    "refuse_if_replaced",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -48,6 +49,25 @@ def file_state(path: str | os.PathLike) -> tuple[int, int, int, int]:
     """(device, inode, size, mtime in ns) of `path`: an atomic replacement or a rewrite changes it."""
     st = os.stat(path)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def refuse_if_replaced(path: Path, state: tuple[int, int, int, int]) -> None:
+    """Refuse to continue from `path` if another process replaced it after it was read, `state` being its
+    `file_state` then (a run that held the folder's lock then and has let go of it since): the run would go on from an
+    older state and overwrite the newer one. Call it holding the folder's lock.
+
+    Raises:
+        UserError: `path` changed or is gone.
+    """
+    try:
+        now = file_state(path)
+    except OSError:
+        now = None
+    if now != state:
+        raise UserError(
+            f"--resume: {path} was replaced by another process after this run read it: run the command again to "
+            "continue from the new one"
+        )
 
 
 def rng_state() -> dict[str, Any]:

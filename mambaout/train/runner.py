@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from mambaout.data import DataFailed, ResumableSampler, ShardSampler, data_label
 from mambaout.errors import UserError, describe
 from mambaout.rundir import RunDir
-from mambaout.train.checkpoint import READ_FROM, file_state, rng_state, save_checkpoint, set_rng_state
+from mambaout.train.checkpoint import READ_FROM, refuse_if_replaced, rng_state, save_checkpoint, set_rng_state
 from mambaout.train.config import RunConfig
 from mambaout.train.distributed import DistEnv, init_distributed
 from mambaout.train.engine import (
@@ -91,27 +91,13 @@ def _held(run: RunDir, env: DistEnv, read_from: tuple[Path, tuple[int, int, int,
             try:
                 stack.enter_context(run.lock())
                 if read_from is not None:
-                    _refuse_if_replaced(*read_from)
+                    refuse_if_replaced(*read_from)
             except UserError as e:
                 refused = str(e)
         refused = env.broadcast(refused)
         if refused:
             raise UserError(refused)
         yield
-
-
-def _refuse_if_replaced(path: Path, state: tuple[int, int, int, int]) -> None:
-    """Refuse to continue from `path` if another process replaced it after it was read (a run that held the folder's
-    lock then, and has let go of it since): the run would go on from an older state and overwrite the newer one."""
-    try:
-        now = file_state(path)
-    except OSError:
-        now = None
-    if now != state:
-        raise UserError(
-            f"--resume: {path} was replaced by another process after this run read it: run the command again to "
-            "continue from the new one"
-        )
 
 
 class Runner:

@@ -367,6 +367,17 @@ def test_force_still_replaces_a_foreign_file_outside_the_data(ws, tmp_path):
     assert json.loads(notes.read_text())["task"] == "detection"
 
 
+def test_force_onto_a_hard_link_of_an_input_replaces_the_link_not_the_input(ws, tmp_path):
+    annotations = ws.coco / "annotations" / "instances_val2017.json"
+    before = annotations.read_bytes()
+    link = tmp_path / "link.json"
+    os.link(annotations, link)  # the same file under a name outside the data: a path check cannot see it
+    argv = ["detect", "eval", "--checkpoint", str(ws.detect), "--workers", "0", "--json", str(link), "--force"]
+    assert main(argv) == 0
+    assert json.loads(link.read_text())["task"] == "detection"  # a new file under the link's name (atomic rename)
+    assert annotations.read_bytes() == before and annotations.stat().st_nlink == 1
+
+
 def test_check_output_refuses_any_path_inside_an_input_folder(tmp_path):
     data = tmp_path / "data"
     (data / "sub").mkdir(parents=True)

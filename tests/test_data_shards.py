@@ -274,6 +274,7 @@ def test_a_run_stopped_mid_epoch_on_shards_resumes_to_the_same_weights(ws, tmp_p
         save(checkpoint, path)
         if checkpoint["step"] == 11:  # 3 of epoch 2's 8 steps: the run as a SIGTERM or SIGKILL here leaves it
             shutil.copytree(straight, stopped)
+            shutil.copytree(straight, tmp_path / "other-workers")
 
     monkeypatch.setattr(runner, "save_checkpoint", keeping_the_mid_epoch_state)
     assert main(["train", "--data", f"wds:{ws.shards}", "--output", str(straight), *flags(save_interval=1)]) == 0
@@ -286,6 +287,10 @@ def test_a_run_stopped_mid_epoch_on_shards_resumes_to_the_same_weights(ws, tmp_p
     assert finished["step"] == resumed["step"] == 16
     for name, value in finished["model"].items():
         assert torch.equal(resumed["model"][name], value), name
+
+    # other loader workers deal the epoch's rest another way: said, and the run still ends
+    assert main(["train", "--output", str(tmp_path / "other-workers"), "--resume", "auto", "--workers", "2"]) == 0
+    assert "shards resumed mid-epoch by 2 readers (processes × loader workers), saved by 1" in capsys.readouterr().err
 
 
 def _bad_shards(ws: Workspace, folder: Path) -> Path:

@@ -292,6 +292,16 @@ class Runner:
             set_rng_state(states[self.env.rank])
         elif self.env.is_main:
             warn(f"saved by {len(states)} processes, resumed by {self.env.world_size}: random draws will differ")
+        # streamed shards are dealt to processes × workers readers: another count deals the epoch another way
+        readers, saved = (
+            self.env.world_size * max(self.config.workers, 1),
+            len(states) * max(checkpoint["config"].get("workers") or 0, 1),
+        )
+        if self.sampler is None and self.resumed_progress.updates and readers != saved and self.env.is_main:
+            warn(
+                f"shards resumed mid-epoch by {readers} readers (processes × loader workers), saved by {saved}: the "
+                "rest of this epoch is dealt another way, so some of its samples may repeat or be left out"
+            )
 
     # --- the run ---------------------------------------------------------------------------------------------------
 

@@ -150,9 +150,10 @@ def test_trains_and_evaluates_on_shards_over_http(ws, tmp_path, capsys):
         assert record["images"] == images and record["unreadable"] == [] and record["top1"] >= 0
 
 
-def _first_pass(ws: Workspace, location: str, samples: int) -> list[str]:
+def _read(location: str, epoch: int = 0, samples: int = 32) -> list[str]:
+    """Fingerprints of the first `samples` training samples of `epoch`, read from the shards at `location`."""
     train, _ = shard_splits(location, f"wds:{location}", seed=0)
-    train.set_epoch(0)
+    train.set_epoch(epoch)
     train.transform = _fingerprint
     return [image for image, _ in itertools.islice(iter(train), samples)]
 
@@ -163,7 +164,7 @@ def test_an_http_shard_whose_read_fails_is_read_again_from_where_it_stopped(ws, 
         _Server, "faults", {"/shards/train-000001.tar": ["500", "cut"], "/shards/train-000002.tar": ["cut"] * 3}
     )
     _Server.requests.clear()
-    assert _first_pass(ws, ws.url, 32) == _first_pass(ws, str(ws.shards), 32)  # each sample once, in the same order
+    assert _read(ws.url) == _read(str(ws.shards))  # each sample once, in the same order
     assert (
         _Server.requests.count("/shards/train-000001.tar") == 3
         and _Server.requests.count("/shards/train-000002.tar") == 4
@@ -178,8 +179,8 @@ def test_a_shard_that_stays_unreadable_is_left_out_of_training_and_fails_evaluat
     broken = eval_shards(str(ws.shards / "train-000003.tar"), "local")
     broken.transform = _fingerprint
     left_out = [image for image, _ in broken]
-    every = _first_pass(ws, str(ws.shards), 32)
-    assert sorted(_first_pass(ws, ws.url, 24)) == sorted(set(every) - set(left_out))  # a pass of the other three
+    every = _read(str(ws.shards))
+    assert sorted(_read(ws.url, samples=24)) == sorted(set(every) - set(left_out))  # a pass of the other three
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"warning: shard {ws.url}/train-000003.tar cannot be read (4 tries): HTTPError: HTTP Error 500: Internal "
@@ -228,17 +229,11 @@ def test_two_gloo_processes_read_every_sample_of_an_epoch_once(ws, tmp_path):
     assert read_checkpoint(tmp_path / "ddp" / "last.pth")["step"] == 4
 
 
-def _epoch(ws: Workspace, epoch: int) -> list[str]:
-    train, _ = shard_splits(str(ws.shards), f"wds:{ws.shards}", seed=0)
-    train.set_epoch(epoch)
-    train.transform = _fingerprint
-    return [image for image, _ in itertools.islice(iter(train), 32)]
-
-
 def test_resume_reads_the_next_epoch_in_the_same_shard_order(ws, tmp_path):
     # the order is a function of the seed and the epoch: fresh datasets agree, epochs differ, each is every sample
-    assert _epoch(ws, 1) == _epoch(ws, 1) != _epoch(ws, 0)
-    assert sorted(_epoch(ws, 0)) == sorted(_epoch(ws, 1)) and len(set(_epoch(ws, 0))) == 32
+    local = str(ws.shards)
+    assert _read(local, 1) == _read(local, 1) != _read(local, 0)
+    assert sorted(_read(local, 0)) == sorted(_read(local, 1)) and len(set(_read(local, 0))) == 32
 
     # a constant learning rate, so that the schedule does not depend on --epochs
     steady, data = flags(epochs=2, min_lr="1e-3"), f"wds:{ws.shards}"

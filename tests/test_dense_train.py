@@ -4,7 +4,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import torch
 from dense_fixtures import DETECT, SEGMENT, flags, make_ade, make_coco
 from PIL import Image
+from train_fixtures import wait_for
 
 from mambaout.cli import main
 from mambaout.rundir import RunDir
@@ -128,10 +128,7 @@ def test_sigterm_mid_epoch_resumes_to_the_same_weights(coco, ade, tmp_path, task
     assert main([*argv, "--output", str(tmp_path / "straight")]) == 0
     stopped = tmp_path / "stopped"
     process = _start([*argv, "--output", str(stopped)])
-    deadline = time.monotonic() + 120
-    while not (stopped / "last.pth").exists():
-        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
-        time.sleep(0.005)
+    wait_for(stopped / "last.pth", process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err

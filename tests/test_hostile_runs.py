@@ -23,7 +23,7 @@ import pytest
 from dense_fixtures import DETECT, SEGMENT, make_ade, make_coco
 from dense_fixtures import flags as dense_flags
 from hostile_fixtures import assert_refused, snapshot
-from train_fixtures import flags, make_tree
+from train_fixtures import flags, make_tree, wait_for
 
 from mambaout.cli import main
 from mambaout.dense.tasks import Detection, Segmentation
@@ -182,14 +182,6 @@ def test_a_checkpoint_replaced_after_it_was_read_is_not_continued(ws, tmp_path):
     assert read_checkpoint(run / "last.pth")["step"] == newer["step"] + 2
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
-
-
 def _kill_mid_save(run: Path, process: subprocess.Popen, timeout: float = 120) -> None:
     """SIGKILL `process` as soon as a temporary checkpoint file shows in `run` (it saves after every step)."""
     deadline = time.monotonic() + timeout
@@ -211,7 +203,7 @@ def test_a_second_writer_is_refused_and_a_run_killed_mid_save_resumes_to_its_end
         [sys.executable, "-m", "mambaout", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        _wait_for(run / "last.pth", first)
+        wait_for(run / "last.pth", first, timeout=180)
         first.send_signal(signal.SIGSTOP)  # paused mid-run, holding the folder
         before = snapshot(run)
         for second in (argv, _resume(task, run)):

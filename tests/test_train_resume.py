@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_fixtures import flags, make_tree
+from train_fixtures import flags, make_tree, wait_for
 
 from mambaout.cli import main
 from mambaout.train.checkpoint import read_checkpoint
@@ -41,14 +41,6 @@ def _start(tree: Path, out: Path) -> subprocess.Popen:
     return subprocess.Popen([*argv, *flags(**RANDOM_RECIPE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.005)
-
-
 def _records(run: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in ("elapsed_s", "images_per_sec")} for r in lines]
@@ -58,7 +50,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_identical_weights(tree, tmp
     assert main(["train", "--data", str(tree), "--output", str(tmp_path / "straight"), *flags(**RANDOM_RECIPE)]) == 0
 
     process = _start(tree, tmp_path / "stopped")
-    _wait_for(tmp_path / "stopped" / "last.pth", process)
+    wait_for(tmp_path / "stopped" / "last.pth", process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, err
@@ -78,7 +70,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_identical_weights(tree, tmp
 def test_sigkill_mid_epoch_resumes_and_finishes(tree, tmp_path):
     run = tmp_path / "run"
     process = _start(tree, run)
-    _wait_for(run / "last.pth", process)
+    wait_for(run / "last.pth", process)
     time.sleep(0.05)  # into a later step, possibly while a checkpoint is being written
     process.kill()
     process.wait(timeout=60)

@@ -1,5 +1,8 @@
-"""Helpers for the data and training tests: tiny learnable ImageFolder trees and fast training flags."""
+"""Helpers for the data and training tests: tiny learnable ImageFolder trees, fast training flags, and waiting on a
+training process."""
 
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -70,3 +73,15 @@ def make_tree(root: Path, classes: tuple[str, ...] = ("a", "b"), train: int = 16
                     root / split / name / f"{i:03d}.png", label, seed=(split == "val") * 100_000 + label * 1_000 + i
                 )
     return root
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `process` (a run in the background) has written `path`; fail if it ends or `timeout` s pass first.
+
+    Polls every 5 ms, so that a signal sent next lands close to the write (mid-run, or mid-save).
+    """
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.005)
